@@ -1,0 +1,126 @@
+"""POST /generate: validate, tokenize, submit to the engine, answer with JSON or Server-Sent Events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.api.schemas import GenerateRequest, GenerateResponse, Usage
+from server.engine.request import Request as EngineRequest
+from server.engine.request import SamplingParams, TokenEvent
+from server.errors import InvalidRequest, ServerError, UnknownAdapter
+from server.runtime import Runtime
+
+router = APIRouter()
+_DISCONNECT_POLL_SECONDS = 0.25
+
+
+class GenerationFailed(ServerError):
+    status = 500
+    error_type = "generation_failed"
+
+
+def _prompt_ids(body: GenerateRequest, runtime: Runtime) -> list[int]:
+    tokenizer = runtime.tokenizer
+    if body.messages is not None:
+        ids = tokenizer.encode_chat([m.model_dump() for m in body.messages])
+    else:
+        ids = tokenizer.encode(body.prompt)
+    if not ids:
+        raise InvalidRequest("the prompt encodes to zero tokens")
+    if len(ids) >= runtime.max_model_len:
+        raise InvalidRequest(f"the prompt has {len(ids)} tokens; the context holds {runtime.max_model_len} "
+                             "including at least one generated token")
+    return ids
+
+
+def _sampling_params(body: GenerateRequest, prompt_len: int, max_model_len: int) -> SamplingParams:
+    room = max_model_len - prompt_len
+    if body.max_tokens is not None and body.max_tokens > room:
+        raise InvalidRequest(f"max_tokens={body.max_tokens} plus the {prompt_len}-token prompt exceeds the "
+                             f"context of {max_model_len} tokens (at most {room} new tokens fit)")
+    try:
+        stop = body.stop_strings()
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return SamplingParams(max_tokens=body.max_tokens or room, temperature=body.temperature, top_p=body.top_p,
+                          top_k=body.top_k, seed=body.seed, stop=stop, ignore_eos=body.ignore_eos)
+
+
+def _resolve_adapter(adapter_id: str | None) -> str | None:
+    if adapter_id is not None:
+        raise UnknownAdapter(f"unknown adapter {adapter_id!r}")
+    return None
+
+
+@router.post("/generate", response_model=GenerateResponse)
+async def generate(body: GenerateRequest, http_request: Request):
+    runtime: Runtime = http_request.app.state.runtime
+    adapter_version = _resolve_adapter(body.adapter_id)
+    prompt_ids = _prompt_ids(body, runtime)
+    params = _sampling_params(body, len(prompt_ids), runtime.max_model_len)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+    request_id = f"gen-{uuid.uuid4().hex[:16]}"
+    runtime.engine.submit(EngineRequest(
+        request_id, prompt_ids, params, emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+        adapter_version=adapter_version, arrival_time=time.perf_counter(),
+    ))
+    if body.stream:
+        return StreamingResponse(_sse(request_id, events, runtime), media_type="text/event-stream")
+    return await _collect(request_id, events, runtime, http_request)
+
+
+async def _collect(request_id: str, events: asyncio.Queue[TokenEvent], runtime: Runtime,
+                   http_request: Request) -> JSONResponse:
+    """Gather the whole answer; if the client goes away first, abort so its KV slot is freed."""
+    text, token_ids = [], []
+    while True:
+        try:
+            event = await asyncio.wait_for(events.get(), _DISCONNECT_POLL_SECONDS)
+        except TimeoutError:
+            if await http_request.is_disconnected():
+                runtime.engine.abort(request_id)
+                return JSONResponse({"error": {"message": "client disconnected", "type": "aborted"}}, 499)
+            continue
+        text.append(event.text)
+        token_ids.extend(event.token_ids)
+        if event.finish_reason is not None:
+            break
+    if event.finish_reason == "error":
+        raise GenerationFailed(event.error or "generation failed")
+    return JSONResponse(GenerateResponse(
+        id=request_id, text="".join(text), token_ids=token_ids, finish_reason=event.finish_reason,
+        usage=Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
+    ).model_dump())
+
+
+def _sse_line(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+async def _sse(request_id: str, events: asyncio.Queue[TokenEvent], runtime: Runtime) -> AsyncIterator[str]:
+    finished = False
+    try:
+        while not finished:
+            event = await events.get()
+            finished = event.finish_reason is not None
+            payload: dict = {"id": request_id, "text": event.text, "token_ids": event.token_ids}
+            if finished:
+                payload["finish_reason"] = event.finish_reason
+                payload["usage"] = {"prompt_tokens": event.prompt_tokens,
+                                    "completion_tokens": event.completion_tokens}
+                if event.error:
+                    payload["error"] = {"message": event.error, "type": "generation_failed"}
+            yield _sse_line(payload)
+        yield _sse_line("[DONE]")
+    finally:
+        if not finished:  # the client disconnected mid-stream (Starlette cancelled us)
+            runtime.engine.abort(request_id)

@@ -1,0 +1,35 @@
+"""Operational endpoints: GET /health and GET /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from server.runtime import Runtime
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    engine = runtime.engine
+    scheduler = engine.scheduler
+    body = {
+        "status": "ok" if engine.alive else "engine_down",
+        "model": str(runtime.config.model),
+        "dtype": str(runtime.dtype).removeprefix("torch."),
+        "max_model_len": runtime.max_model_len,
+        "kv_slots": runtime.num_kv_slots,
+        "kv_slots_used": scheduler.slots.num_used,
+        "running": len(scheduler.running),
+        "waiting": len(scheduler.waiting),
+    }
+    return JSONResponse(body, status_code=200 if engine.alive else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,116 @@
+"""Server configuration: frozen dataclasses, filled once from CLI flags (each with an env var)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from server.demo_model import CACHE_HOME, DEMO_MODEL_DIR
+
+ENV_PREFIX = "ADAPTER_SERVER_"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    max_model_len: int | None = None
+    """Longest prompt + completion, in tokens. Default: the model's context, capped at 4096."""
+    max_num_seqs: int = 32
+    """Most sequences running at once (KV slots), further capped by kv_cache_gb."""
+    max_batched_tokens: int = 2048
+    """Token budget of one engine step; longer prompts are prefilled in chunks of this size."""
+    kv_cache_gb: float = 4.0
+    """Memory reserved for the KV cache (each slot holds max_model_len tokens)."""
+
+    def validate(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be at least 1")
+        if self.max_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_batched_tokens must be >= max_num_seqs so every decode fits in one step")
+        if self.kv_cache_gb <= 0:
+            raise ValueError("kv_cache_gb must be positive")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be at least 2")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    model: Path = DEMO_MODEL_DIR
+    """Hugging Face checkpoint directory (Llama family, safetensors). Default: the demo SmolLM2."""
+    dtype: str = "auto"
+    """float32 | bfloat16 | auto (bfloat16 where the CPU has native bf16 matmuls or on CUDA, else float32)."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    adapters_dir: Path = CACHE_HOME / "adapters"
+    """Where uploaded adapters are stored (versioned, crash-safe)."""
+    threads: int = 0
+    """torch intra-op threads; 0 = the cores available to this process."""
+    log_level: str = "info"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def validate(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, not {self.dtype!r}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port {self.port} is out of range")
+        self.engine.validate()
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if native_bf16() else torch.float32
+        return getattr(torch, self.dtype)
+
+
+def native_bf16() -> bool:
+    """bf16 only pays off with hardware bf16 matmuls; emulated bf16 is slower than float32 on CPUs."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# One row per option: (flag, field path, type, help). The env var is ENV_PREFIX + FLAG_IN_CAPS.
+_OPTIONS: list[tuple[str, str, type, str]] = [
+    ("--model", "model", Path, "Hugging Face checkpoint directory (Llama family, safetensors)"),
+    ("--dtype", "dtype", str, "float32 | bfloat16 | auto (bf16 only with native bf16 matmuls)"),
+    ("--host", "host", str, "interface to listen on"),
+    ("--port", "port", int, "TCP port"),
+    ("--adapters-dir", "adapters_dir", Path, "where uploaded adapters are stored"),
+    ("--threads", "threads", int, "torch intra-op threads, 0 = cores available to the process"),
+    ("--log-level", "log_level", str, "debug | info | warning | error"),
+    ("--max-model-len", "engine.max_model_len", int, "longest prompt + completion in tokens (default: model "
+     "context capped at 4096)"),
+    ("--max-num-seqs", "engine.max_num_seqs", int, "most sequences running at once (KV slots)"),
+    ("--max-batched-tokens", "engine.max_batched_tokens", int, "token budget of one engine step (prefill chunk)"),
+    ("--kv-cache-gb", "engine.kv_cache_gb", float, "memory reserved for the KV cache"),
+]
+
+
+def env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    parser = argparse.ArgumentParser(prog="adapter-server", description="Multi-adapter LLM inference server.")
+    server_defaults, engine_defaults = ServerConfig(), EngineConfig()
+    for flag, path, kind, help_text in _OPTIONS:
+        owner = engine_defaults if path.startswith("engine.") else server_defaults
+        default = getattr(owner, path.split(".")[-1])
+        env = env_name(flag)
+        parser.add_argument(flag, type=kind, default=kind(os.environ[env]) if env in os.environ else default,
+                            help=f"{help_text} [env {env}; default: {default}]")
+    args = parser.parse_args(argv)
+    values = vars(args)
+    engine = EngineConfig(**{p.split(".")[1]: values[p.split(".")[1]] for _, p, _, _ in _OPTIONS if p.startswith("engine.")})
+    config = ServerConfig(engine=engine, **{p: values[p] for _, p, _, _ in _OPTIONS if not p.startswith("engine.")})
+    try:
+        config.validate()
+    except ValueError as exc:
+        parser.error(str(exc))
+    return config

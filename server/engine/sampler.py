@@ -1,0 +1,52 @@
+"""Per-request sampling inside a batched step: greedy rows in one argmax, sampled rows each with
+their own seeded generator, so a request's randomness never depends on its batch neighbours."""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.request import SamplingParams
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [V] (already temperature-scaled); top-k first, then nucleus, like vLLM."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > top_p   # keep the token that crosses top_p
+        logits = logits.clone()
+        logits[order[drop]] = float("-inf")
+    return logits
+
+
+class Sampler:
+    def __init__(self) -> None:
+        self._generators: dict[str, torch.Generator] = {}
+
+    def forget(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def _generator(self, request_id: str, seed: int | None) -> torch.Generator:
+        gen = self._generators.get(request_id)
+        if gen is None:
+            gen = torch.Generator()
+            if seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(seed)
+            self._generators[request_id] = gen
+        return gen
+
+    def sample(self, logits: torch.Tensor, requests: list[tuple[str, SamplingParams]]) -> list[int]:
+        """logits [S, V] float32, one row per (request_id, params); returns one token id per row."""
+        tokens = logits.argmax(dim=-1).tolist()
+        for row, (request_id, params) in enumerate(requests):
+            if params.greedy:
+                continue
+            scaled = _filter_top_k_top_p(logits[row] / params.temperature, params.top_k, params.top_p)
+            probs = scaled.softmax(-1)
+            tokens[row] = int(torch.multinomial(probs, 1, generator=self._generator(request_id, params.seed)))
+        return tokens

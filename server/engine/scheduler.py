@@ -1,0 +1,101 @@
+"""Continuous batching policy (pure Python, no tensors).
+
+Each step: every running sequence that is decoding contributes one token; sequences still in their
+prompt continue with a chunk; then waiting requests are admitted in arrival order while a KV slot is
+free and the step's token budget lasts. Long prompts are split into chunks so decodes never stall
+behind them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from server.engine.kv_slots import SlotAllocator
+from server.engine.sequence import Sequence, SeqStatus
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    decodes: list[Sequence] = field(default_factory=list)              # one token each, sorted by slot
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list) # (sequence, tokens this step)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+    def sampled(self) -> list[Sequence]:
+        """Sequences that get a new token after this step, in logits-row order."""
+        done_prompt = [s for s, n in self.prefills if s.num_computed + n == s.num_prompt]
+        return self.decodes + done_prompt
+
+
+class Scheduler:
+    def __init__(self, slots: SlotAllocator, max_batched_tokens: int) -> None:
+        self.slots = slots
+        self.max_batched_tokens = max_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_batched_tokens
+        for seq in sorted(self.running, key=lambda s: s.kv_slot):
+            if budget == 0:
+                break
+            if seq.in_prefill:
+                n = min(seq.num_prompt - seq.num_computed, budget)
+                batch.prefills.append((seq, n))
+            else:
+                n = 1
+                batch.decodes.append(seq)
+            budget -= n
+        while self.waiting and budget > 0 and self.slots.num_free > 0:
+            seq = self.waiting.popleft()
+            seq.kv_slot = self.slots.allocate()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_prompt, budget)
+            batch.prefills.append((seq, n))
+            budget -= n
+        return batch
+
+    def postprocess(self, batch: ScheduledBatch, tokens: list[int]) -> list[Sequence]:
+        """Advance progress, append sampled tokens (in `batch.sampled()` order); return finished."""
+        sampled = batch.sampled()
+        for seq in batch.decodes:
+            seq.num_computed += 1
+        for seq, n in batch.prefills:
+            seq.num_computed += n
+        for seq, token in zip(sampled, tokens, strict=True):
+            seq.append(token)
+        finished = [s for s in sampled if s.finish_reason is not None]
+        for seq in finished:
+            self._release(seq)
+        return finished
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for seq in list(self.waiting):
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                seq.finish_reason = "abort"
+                seq.status = SeqStatus.FINISHED
+                return seq
+        for seq in self.running:
+            if seq.request_id == request_id:
+                seq.finish_reason = "abort"
+                self._release(seq)
+                return seq
+        return None
+
+    def _release(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.FINISHED
+        self.running.remove(seq)
+        self.slots.free(seq.kv_slot)
+        seq.kv_slot = None

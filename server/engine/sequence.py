@@ -1,0 +1,59 @@
+"""A request's life inside the engine: tokens, KV slot, progress, and when it is done."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.request import Request
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class Sequence:
+    request: Request
+    token_ids: list[int]                 # prompt followed by generated tokens
+    detokenizer: IncrementalDetokenizer
+    eos_token_ids: frozenset[int]
+    max_len: int                         # the model context this sequence may fill
+    num_computed: int = 0                # tokens whose K/V are already in the cache
+    kv_slot: int | None = None
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: str | None = None
+    first_token_time: float | None = None
+    emitted_tokens: int = field(default=0)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < self.num_prompt
+
+    def append(self, token_id: int) -> None:
+        """Record a sampled token and decide whether the sequence is finished."""
+        self.token_ids.append(token_id)
+        params = self.request.params
+        if token_id in self.eos_token_ids and not params.ignore_eos:
+            self.finish_reason = "stop"
+            return
+        self.detokenizer.add(token_id)
+        if self.detokenizer.stopped:
+            self.finish_reason = "stop"
+        elif self.num_generated >= params.max_tokens or len(self.token_ids) >= self.max_len:
+            self.finish_reason = "length"

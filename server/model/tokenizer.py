@@ -1,0 +1,69 @@
+"""Tokenizer (the `tokenizers` library) and the checkpoint's chat template (jinja2, sandboxed)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from server.errors import InvalidRequest, ModelLoadError
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(message)
+
+
+class TextTokenizer:
+    def __init__(self, model_dir: Path) -> None:
+        path = model_dir / "tokenizer.json"
+        if not path.exists():
+            raise ModelLoadError(f"{model_dir} has no tokenizer.json")
+        self._tokenizer = Tokenizer.from_file(str(path))
+        config_path = model_dir / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        template = config.get("chat_template")
+        template_file = model_dir / "chat_template.jinja"
+        if template is None and template_file.exists():
+            template = template_file.read_text()
+        if isinstance(template, list):  # named templates: use "default"
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
+        self._chat_template = env.from_string(template) if template else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        if self._chat_template is None:
+            raise InvalidRequest("this model has no chat template; send a plain 'prompt' instead of 'messages'")
+        try:
+            return self._chat_template.render(messages=messages, add_generation_prompt=True,
+                                              bos_token=self.bos_token, eos_token=self.eos_token)
+        except TemplateError as exc:
+            raise InvalidRequest(f"chat template rejected the messages: {exc}") from None
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        # The template already writes any BOS it wants, so no special tokens are added again.
+        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+
+def _token_text(token: str | dict | None) -> str:
+    if isinstance(token, dict):
+        return token.get("content", "")
+    return token or ""

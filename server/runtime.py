@@ -1,0 +1,62 @@
+"""Assemble a serving runtime from a config: model, tokenizer, KV cache, engine, metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from server.config import ServerConfig, available_cores
+from server.engine.engine import Engine
+from server.engine.kv_cache import KVCache, bytes_per_slot
+from server.engine.kv_slots import SlotAllocator
+from server.engine.runner import ModelRunner
+from server.engine.scheduler import Scheduler
+from server.errors import ModelLoadError
+from server.metrics import Metrics
+from server.model.hf_config import load_model_config
+from server.model.llama import LlamaModel
+from server.model.loader import load_model
+from server.model.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Runtime:
+    config: ServerConfig
+    model: LlamaModel
+    tokenizer: TextTokenizer
+    engine: Engine
+    metrics: Metrics
+    max_model_len: int
+    num_kv_slots: int
+    dtype: torch.dtype
+
+
+def build_runtime(config: ServerConfig) -> Runtime:
+    torch.set_num_threads(config.threads or available_cores())
+    dtype = config.torch_dtype()
+    model_config = load_model_config(config.model)
+    max_len = config.engine.max_model_len or min(model_config.max_position_embeddings, 4096)
+    if max_len > model_config.max_position_embeddings and model_config.rope_scaling is None:
+        raise ModelLoadError(f"max_model_len {max_len} exceeds the model's context "
+                             f"({model_config.max_position_embeddings})")
+    started = time.perf_counter()
+    model = load_model(config.model, dtype, max_len)
+    tokenizer = TextTokenizer(config.model)
+    per_slot = bytes_per_slot(model_config, max_len, dtype)
+    num_slots = min(config.engine.max_num_seqs, int(config.engine.kv_cache_gb * 2**30) // per_slot)
+    if num_slots < 1:
+        raise ModelLoadError(f"kv_cache_gb={config.engine.kv_cache_gb} cannot hold one sequence of {max_len} "
+                             f"tokens ({per_slot / 2**30:.2f} GiB); raise it or lower max_model_len")
+    kv_cache = KVCache.allocate(model_config, num_slots, max_len, dtype)
+    metrics = Metrics()
+    scheduler = Scheduler(SlotAllocator(num_slots), config.engine.max_batched_tokens)
+    eos = frozenset(model_config.eos_token_ids)
+    engine = Engine(ModelRunner(model, kv_cache), scheduler, tokenizer, metrics, max_len, eos)
+    log.info("loaded %s (%s) in %.1fs: %d KV slots x %d tokens, %d threads", config.model, dtype,
+             time.perf_counter() - started, num_slots, max_len, torch.get_num_threads())
+    return Runtime(config, model, tokenizer, engine, metrics, max_len, num_slots, dtype)
