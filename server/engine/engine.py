@@ -80,6 +80,7 @@ class Engine:
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
+        self._update_gauges()
 
     def _handle(self, item: Request | _Abort | None) -> None:
         if item is None:
@@ -89,8 +90,13 @@ class Engine:
             if seq is not None:
                 self._finish(seq, time.perf_counter())
             return
-        detok = IncrementalDetokenizer(self.tokenizer, item.params.stop)
-        self.scheduler.add(Sequence(item, list(item.prompt_ids), detok, self.eos_token_ids, self.max_model_len))
+        self.admit(item)
+
+    def admit(self, request: Request) -> None:
+        """Queue a request for scheduling. Engine thread only (or tests driving `step` by hand)."""
+        detok = IncrementalDetokenizer(self.tokenizer, request.params.stop)
+        self.scheduler.add(Sequence(request, list(request.prompt_ids), detok, self.eos_token_ids,
+                                    self.max_model_len))
 
     def step(self) -> None:
         started = time.perf_counter()

@@ -25,7 +25,8 @@ class ModelConfig:
     rope_scaling: dict | None
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool        # Qwen2 has q/k/v biases
+    attention_bias: bool        # biases on q/k/v (Qwen2 always, Llama when attention_bias is set)
+    o_proj_bias: bool           # Llama's attention_bias also covers o_proj; Qwen2's o_proj has none
     mlp_bias: bool
     eos_token_ids: tuple[int, ...] = field(default=())
     bos_token_id: int | None = None
@@ -78,6 +79,7 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         max_position_embeddings=raw.get("max_position_embeddings", 2048),
         tie_word_embeddings=raw.get("tie_word_embeddings", False),
         attention_bias=raw.get("attention_bias", model_type == "qwen2"),
+        o_proj_bias=raw.get("attention_bias", False) and model_type != "qwen2",
         mlp_bias=raw.get("mlp_bias", False),
         eos_token_ids=eos,
         bos_token_id=generation.get("bos_token_id", raw.get("bos_token_id")),

@@ -40,7 +40,7 @@ class Attention(nn.Module):
         )
         self.o_proj = AdaptedLinear(q_size,
                                     _slices(prefix, [("o_proj", config.hidden_size)]),
-                                    bias=False, layer_index=index)
+                                    bias=config.o_proj_bias, layer_index=index)
         self.index = index
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext,
