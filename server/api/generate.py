@@ -81,18 +81,22 @@ async def _collect(request_id: str, events: asyncio.Queue[TokenEvent], runtime: 
                    http_request: Request) -> JSONResponse:
     """Gather the whole answer; if the client goes away first, abort so its KV slot is freed."""
     text, token_ids = [], []
+    next_check = time.monotonic() + _DISCONNECT_POLL_SECONDS
     while True:
         try:
             event = await asyncio.wait_for(events.get(), _DISCONNECT_POLL_SECONDS)
         except TimeoutError:
+            event = None
+        if event is not None:
+            text.append(event.text)
+            token_ids.extend(event.token_ids)
+            if event.finish_reason is not None:
+                break
+        if time.monotonic() >= next_check:  # tokens may arrive faster than the poll period
+            next_check = time.monotonic() + _DISCONNECT_POLL_SECONDS
             if await http_request.is_disconnected():
                 runtime.engine.abort(request_id)
                 return JSONResponse({"error": {"message": "client disconnected", "type": "aborted"}}, 499)
-            continue
-        text.append(event.text)
-        token_ids.extend(event.token_ids)
-        if event.finish_reason is not None:
-            break
     if event.finish_reason == "error":
         raise GenerationFailed(event.error or "generation failed")
     return JSONResponse(GenerateResponse(
