@@ -1,0 +1,85 @@
+"""In-memory, thread-safe index of published adapters (metadata only, no tensors)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .types import ParsedAdapter
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterInfo:
+    adapter_id: str
+    version: str
+    kind: str
+    rank: int  # max rank over layers
+    rank_counts: dict[int, int]  # rank -> number of layers with that rank (summary of uneven ranks)
+    target_modules: list[str]
+    num_layers: int
+    bytes: int  # canonical float32 factor bytes
+    created_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def from_parsed(
+        cls, adapter_id: str, version: str, parsed: ParsedAdapter, created_at: float | None = None
+    ) -> AdapterInfo:
+        counts = Counter(f.rank for f in parsed.layers.values())
+        return cls(
+            adapter_id=adapter_id,
+            version=version,
+            kind=parsed.kind,
+            rank=parsed.rank,
+            rank_counts=dict(sorted(counts.items())),
+            target_modules=list(parsed.target_modules),
+            num_layers=len(parsed.layers),
+            bytes=parsed.nbytes,
+            created_at=time.time() if created_at is None else created_at,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["rank_counts"] = {str(k): v for k, v in self.rank_counts.items()}  # JSON keys are strings
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AdapterInfo:
+        d = dict(d)
+        d["rank_counts"] = {int(k): int(v) for k, v in d["rank_counts"].items()}
+        return cls(**d)
+
+
+class AdapterRegistry:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[str, AdapterInfo] = {}
+
+    def register(self, info: AdapterInfo) -> AdapterInfo | None:
+        """Insert or replace; returns the previous info so the caller can retire its version."""
+        with self._lock:
+            prev = self._items.get(info.adapter_id)
+            self._items[info.adapter_id] = info
+            return prev
+
+    def resolve(self, adapter_id: str) -> AdapterInfo | None:
+        with self._lock:
+            return self._items.get(adapter_id)
+
+    def remove(self, adapter_id: str) -> AdapterInfo | None:
+        with self._lock:
+            return self._items.pop(adapter_id, None)
+
+    def list(self) -> list[AdapterInfo]:
+        with self._lock:
+            return [self._items[k] for k in sorted(self._items)]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def __contains__(self, adapter_id: object) -> bool:
+        with self._lock:
+            return adapter_id in self._items
