@@ -9,7 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.api import generate, ops
+from adapters_store import AdapterError
+from server.api import adapters, generate, ops
 from server.errors import ServerError
 from server.runtime import Runtime
 
@@ -38,6 +39,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app = FastAPI(title="adapter-server", lifespan=lifespan)
     app.state.runtime = runtime
     app.include_router(generate.router)
+    app.include_router(adapters.router)
     app.include_router(ops.router)
 
     @app.exception_handler(ServerError)
@@ -45,6 +47,12 @@ def create_app(runtime: Runtime) -> FastAPI:
         if 400 <= exc.status < 500:
             runtime.metrics.requests.labels("rejected").inc()
         return _error(exc.status, exc.message, exc.error_type)
+
+    @app.exception_handler(AdapterError)
+    async def _adapter_error(request: Request, exc: AdapterError) -> JSONResponse:
+        if 400 <= exc.status < 500:
+            runtime.metrics.requests.labels("rejected").inc()
+        return _error(exc.status, exc.message, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -37,6 +37,22 @@ class EngineConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdapterConfig:
+    max_slots: int = 16
+    """Adapters ready for the forward pass at once (LRU-evicted when unpinned)."""
+    max_rank: int = 256
+    """Largest adapter rank accepted at upload."""
+    max_upload_mb: float = 256.0
+    """Largest accepted upload body."""
+    host_cache_gb: float = 4.0
+    """Parsed adapters kept in host memory above the slots (re-read from disk when evicted)."""
+
+    def validate(self) -> None:
+        if self.max_slots < 1 or self.max_rank < 1 or self.max_upload_mb <= 0 or self.host_cache_gb < 0:
+            raise ValueError("adapter limits must be positive")
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     model: Path = DEMO_MODEL_DIR
     """Hugging Face checkpoint directory (Llama family, safetensors). Default: the demo SmolLM2."""
@@ -50,6 +66,7 @@ class ServerConfig:
     """torch intra-op threads; 0 = the cores available to this process."""
     log_level: str = "info"
     engine: EngineConfig = field(default_factory=EngineConfig)
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
 
     def validate(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -57,6 +74,7 @@ class ServerConfig:
         if not 0 < self.port < 65536:
             raise ValueError(f"port {self.port} is out of range")
         self.engine.validate()
+        self.adapters.validate()
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
@@ -89,6 +107,10 @@ _OPTIONS: list[tuple[str, str, type, str]] = [
     ("--max-num-seqs", "engine.max_num_seqs", int, "most sequences running at once (KV slots)"),
     ("--max-batched-tokens", "engine.max_batched_tokens", int, "token budget of one engine step (prefill chunk)"),
     ("--kv-cache-gb", "engine.kv_cache_gb", float, "memory reserved for the KV cache"),
+    ("--max-slots", "adapters.max_slots", int, "adapters ready for the forward pass at once"),
+    ("--max-lora-rank", "adapters.max_rank", int, "largest adapter rank accepted at upload"),
+    ("--max-upload-mb", "adapters.max_upload_mb", float, "largest accepted adapter upload"),
+    ("--host-cache-gb", "adapters.host_cache_gb", float, "parsed adapters kept in host memory"),
 ]
 
 
@@ -98,17 +120,21 @@ def env_name(flag: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser = argparse.ArgumentParser(prog="adapter-server", description="Multi-adapter LLM inference server.")
-    server_defaults, engine_defaults = ServerConfig(), EngineConfig()
+    defaults = {"": ServerConfig(), "engine": EngineConfig(), "adapters": AdapterConfig()}
     for flag, path, kind, help_text in _OPTIONS:
-        owner = engine_defaults if path.startswith("engine.") else server_defaults
-        default = getattr(owner, path.split(".")[-1])
+        group, _, name = path.rpartition(".")
+        default = getattr(defaults[group], name)
         env = env_name(flag)
-        parser.add_argument(flag, type=kind, default=kind(os.environ[env]) if env in os.environ else default,
+        parser.add_argument(flag, dest=path, type=kind, metavar=name.upper(),
+                            default=kind(os.environ[env]) if env in os.environ else default,
                             help=f"{help_text} [env {env}; default: {default}]")
-    args = parser.parse_args(argv)
-    values = vars(args)
-    engine = EngineConfig(**{p.split(".")[1]: values[p.split(".")[1]] for _, p, _, _ in _OPTIONS if p.startswith("engine.")})
-    config = ServerConfig(engine=engine, **{p: values[p] for _, p, _, _ in _OPTIONS if not p.startswith("engine.")})
+    values = vars(parser.parse_args(argv))
+    sections: dict[str, dict] = {"": {}, "engine": {}, "adapters": {}}
+    for path, value in values.items():
+        group, _, name = path.rpartition(".")
+        sections[group][name] = value
+    config = ServerConfig(engine=EngineConfig(**sections["engine"]),
+                          adapters=AdapterConfig(**sections["adapters"]), **sections[""])
     try:
         config.validate()
     except ValueError as exc:

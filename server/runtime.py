@@ -8,6 +8,12 @@ from dataclasses import dataclass
 
 import torch
 
+from adapters_store import AdapterRegistry, AdapterStore
+from server.adapters.host_cache import HostCache
+from server.adapters.manager import AdapterManager
+from server.adapters.packing import base_model_spec
+from server.adapters.service import AdapterService
+from server.adapters.slot_table import SlotTable
 from server.config import ServerConfig, available_cores
 from server.engine.engine import Engine
 from server.engine.kv_cache import KVCache, bytes_per_slot
@@ -31,6 +37,7 @@ class Runtime:
     tokenizer: TextTokenizer
     engine: Engine
     metrics: Metrics
+    adapters: AdapterService
     max_model_len: int
     num_kv_slots: int
     dtype: torch.dtype
@@ -54,9 +61,18 @@ def build_runtime(config: ServerConfig) -> Runtime:
                              f"tokens ({per_slot / 2**30:.2f} GiB); raise it or lower max_model_len")
     kv_cache = KVCache.allocate(model_config, num_slots, max_len, dtype)
     metrics = Metrics()
-    scheduler = Scheduler(SlotAllocator(num_slots), config.engine.max_batched_tokens)
+    adapter_cfg = config.adapters
+    linears = model.adapted_linears()
+    spec = base_model_spec(linears, adapter_cfg.max_rank, int(adapter_cfg.max_upload_mb * 2**20))
+    cache = HostCache(int(adapter_cfg.host_cache_gb * 2**30))
+    service = AdapterService(AdapterStore(config.adapters_dir), AdapterRegistry(), cache, spec)
+    recovered = service.recover()
+    table = SlotTable(adapter_cfg.max_slots)
+    scheduler = Scheduler(SlotAllocator(num_slots), config.engine.max_batched_tokens, table)
     eos = frozenset(model_config.eos_token_ids)
-    engine = Engine(ModelRunner(model, kv_cache), scheduler, tokenizer, metrics, max_len, eos)
-    log.info("loaded %s (%s) in %.1fs: %d KV slots x %d tokens, %d threads", config.model, dtype,
-             time.perf_counter() - started, num_slots, max_len, torch.get_num_threads())
-    return Runtime(config, model, tokenizer, engine, metrics, max_len, num_slots, dtype)
+    runner = ModelRunner(model, kv_cache, AdapterManager(table, cache, linears, dtype))
+    engine = Engine(runner, scheduler, tokenizer, metrics, max_len, eos)
+    log.info("loaded %s (%s) in %.1fs: %d KV slots x %d tokens, %d threads, %d adapters in %s", config.model,
+             dtype, time.perf_counter() - started, num_slots, max_len, torch.get_num_threads(), recovered,
+             config.adapters_dir)
+    return Runtime(config, model, tokenizer, engine, metrics, service, max_len, num_slots, dtype)

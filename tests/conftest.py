@@ -22,9 +22,9 @@ def demo_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def demo_runtime(demo_model_dir: Path) -> Runtime:
+def demo_runtime(demo_model_dir: Path, tmp_path_factory) -> Runtime:
     """float32 SmolLM2 runtime whose engine is driven by hand (never started as a thread)."""
-    config = ServerConfig(model=demo_model_dir, dtype="float32",
+    config = ServerConfig(model=demo_model_dir, dtype="float32", adapters_dir=tmp_path_factory.mktemp("adapters"),
                           engine=EngineConfig(max_model_len=512, max_num_seqs=8, max_batched_tokens=256,
                                               kv_cache_gb=1.0))
     return build_runtime(config)

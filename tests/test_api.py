@@ -13,8 +13,9 @@ from server.runtime import build_runtime
 
 
 @pytest.fixture(scope="module")
-def app(demo_model_dir):
+def app(demo_model_dir, tmp_path_factory):
     runtime = build_runtime(ServerConfig(model=demo_model_dir, dtype="float32",
+                                         adapters_dir=tmp_path_factory.mktemp("adapters"),
                                          engine=EngineConfig(max_model_len=256, max_num_seqs=4, kv_cache_gb=0.5)))
     return create_app(runtime)
 

@@ -18,7 +18,7 @@ def _prefill_logits(model, ids: torch.Tensor) -> torch.Tensor:
     keys = [torch.zeros(1, cfg.num_kv_heads, n, cfg.head_dim) for _ in range(cfg.num_layers)]
     values = [torch.zeros_like(k) for k in keys]
     ctx = ForwardContext(input_ids=ids, positions=torch.arange(n), kv_slots=torch.zeros(n, dtype=torch.long),
-                         num_decode=0, decode_slots=slice(0, 0), decode_mask=None,
+                         num_decode=0, decode_slots=slice(0, 0), decode_mask=None, decode_attn_order=None,
                          prefills=[PrefillSegment(0, n, 0, 0)], logits_rows=torch.arange(n))
     return model(ctx, keys, values)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from server.adapters.slot_table import SlotTable
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_slots import SlotAllocator
 from server.engine.request import Request, SamplingParams
@@ -40,7 +41,7 @@ def test_slot_allocator_hands_out_lowest_free_slot():
 
 
 def test_scheduler_admits_under_token_budget_and_chunks_long_prompts():
-    scheduler = Scheduler(SlotAllocator(4), max_batched_tokens=10)
+    scheduler = Scheduler(SlotAllocator(4), max_batched_tokens=10, adapter_slots=SlotTable(2))
     long, short = _seq("long", 25), _seq("short", 3)
     scheduler.add(long)
     scheduler.add(short)
@@ -60,7 +61,7 @@ def test_scheduler_admits_under_token_budget_and_chunks_long_prompts():
 
 
 def test_scheduler_waits_when_slots_are_full_and_frees_on_finish():
-    scheduler = Scheduler(SlotAllocator(1), max_batched_tokens=100)
+    scheduler = Scheduler(SlotAllocator(1), max_batched_tokens=100, adapter_slots=SlotTable(2))
     first, second = _seq("a", 2, max_tokens=1), _seq("b", 2)
     scheduler.add(first)
     scheduler.add(second)
@@ -73,7 +74,7 @@ def test_scheduler_waits_when_slots_are_full_and_frees_on_finish():
 
 
 def test_abort_releases_waiting_and_running():
-    scheduler = Scheduler(SlotAllocator(1), max_batched_tokens=100)
+    scheduler = Scheduler(SlotAllocator(1), max_batched_tokens=100, adapter_slots=SlotTable(2))
     a, b = _seq("a", 2), _seq("b", 2)
     scheduler.add(a)
     scheduler.add(b)

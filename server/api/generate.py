@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from server.api.schemas import GenerateRequest, GenerateResponse, Usage
 from server.engine.request import Request as EngineRequest
 from server.engine.request import SamplingParams, TokenEvent
-from server.errors import InvalidRequest, ServerError, UnknownAdapter
+from server.errors import InvalidRequest, ServerError
 from server.runtime import Runtime
 
 router = APIRouter()
@@ -53,18 +53,13 @@ def _sampling_params(body: GenerateRequest, prompt_len: int, max_model_len: int)
                           top_k=body.top_k, seed=body.seed, stop=stop, ignore_eos=body.ignore_eos)
 
 
-def _resolve_adapter(adapter_id: str | None) -> str | None:
-    if adapter_id is not None:
-        raise UnknownAdapter(f"unknown adapter {adapter_id!r}")
-    return None
-
-
 @router.post("/generate", response_model=GenerateResponse)
 async def generate(body: GenerateRequest, http_request: Request):
     runtime: Runtime = http_request.app.state.runtime
-    adapter_version = _resolve_adapter(body.adapter_id)
     prompt_ids = _prompt_ids(body, runtime)
     params = _sampling_params(body, len(prompt_ids), runtime.max_model_len)
+    # From here the request holds its adapter version's weights until the engine finishes it.
+    adapter_version = None if body.adapter_id is None else runtime.adapters.retain(body.adapter_id)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[TokenEvent] = asyncio.Queue()
     request_id = f"gen-{uuid.uuid4().hex[:16]}"

@@ -135,6 +135,7 @@ class Engine:
         new_ids = seq.token_ids[seq.num_prompt + seq.emitted_tokens:]
         seq.emitted_tokens += len(new_ids)
         self.sampler.forget(seq.request_id)
+        self.runner.adapters.finished(seq.request.adapter_version)
         self.metrics.requests.labels(seq.finish_reason).inc()
         if seq.first_token_time is not None and seq.num_generated > 1:
             self.metrics.time_per_output_token.observe((now - seq.first_token_time) / (seq.num_generated - 1))
@@ -148,6 +149,7 @@ class Engine:
             self.scheduler.abort(seq.request_id)
             seq.finish_reason = "error"
             self.sampler.forget(seq.request_id)
+            self.runner.adapters.finished(seq.request.adapter_version)
             self.metrics.requests.labels("error").inc()
             seq.request.emit(TokenEvent(seq.request_id, [], "", finish_reason="error", error=message,
                                         prompt_tokens=seq.num_prompt, completion_tokens=seq.num_generated))

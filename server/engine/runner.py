@@ -1,64 +1,94 @@
-"""Turns a scheduled batch into tensors, runs the model, and returns the logits to sample from."""
+"""Turns a scheduled batch into tensors, runs the model, and returns the logits to sample from.
+
+Row layout of the packed batch: decode tokens first, grouped by adapter slot so each adapter's
+tokens are one contiguous row range, then prefill segments (each contiguous already). Decode
+attention wants rows in KV-slot order instead; the context carries that permutation.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from kernels.batch import TokenGroup
+from server.adapters.manager import AdapterManager
 from server.engine.kv_cache import KVCache
 from server.engine.scheduler import ScheduledBatch
+from server.engine.sequence import Sequence
 from server.model.context import ForwardContext, PrefillSegment
 from server.model.llama import LlamaModel
 
 
+def _add_group(groups: list[TokenGroup], slot: int, start: int, end: int) -> None:
+    if slot < 0:
+        return
+    if groups and groups[-1].slot == slot and groups[-1].end == start:
+        groups[-1] = TokenGroup(slot, groups[-1].start, end)
+    else:
+        groups.append(TokenGroup(slot, start, end))
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, adapters: AdapterManager) -> None:
         self.model = model
         self.kv_cache = kv_cache
+        self.adapters = adapters
 
     def prepare(self, batch: ScheduledBatch) -> ForwardContext:
+        slot_of = {id(s): self.adapters.slot_of(s.request.adapter_version)
+                   for s in batch.decodes + [s for s, _ in batch.prefills]}
+        decodes = sorted(batch.decodes, key=lambda s: (slot_of[id(s)], s.kv_slot))
         ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
-        logits_rows: list[int] = []
-        for row, seq in enumerate(batch.decodes):
+        kv_slots: list[int] = []
+        groups: list[TokenGroup] = []
+        row_of: dict[int, int] = {}            # sequence -> row whose logits it samples from
+        for row, seq in enumerate(decodes):
             ids.append(seq.token_ids[seq.num_computed])
             positions.append(seq.num_computed)
-            slots.append(seq.kv_slot)
-            logits_rows.append(row)
+            kv_slots.append(seq.kv_slot)
+            row_of[id(seq)] = row
+            _add_group(groups, slot_of[id(seq)], row, row + 1)
         prefills: list[PrefillSegment] = []
         for seq, n in batch.prefills:
-            start = seq.num_computed
-            prefills.append(PrefillSegment(len(ids), n, seq.kv_slot, start))
+            start, first_row = seq.num_computed, len(ids)
+            prefills.append(PrefillSegment(first_row, n, seq.kv_slot, start))
             ids.extend(seq.token_ids[start:start + n])
             positions.extend(range(start, start + n))
-            slots.extend([seq.kv_slot] * n)
-            if start + n == seq.num_prompt:
-                logits_rows.append(len(ids) - 1)
-        num_decode = len(batch.decodes)
-        decode_slots, decode_mask = self._decode_layout(batch)
+            kv_slots.extend([seq.kv_slot] * n)
+            row_of[id(seq)] = first_row + n - 1
+            _add_group(groups, slot_of[id(seq)], first_row, first_row + n)
+        decode_slots, decode_mask, attn_order = self._decode_layout(decodes)
         return ForwardContext(
             input_ids=torch.tensor(ids, dtype=torch.long),
             positions=torch.tensor(positions, dtype=torch.long),
-            kv_slots=torch.tensor(slots, dtype=torch.long),
-            num_decode=num_decode,
+            kv_slots=torch.tensor(kv_slots, dtype=torch.long),
+            num_decode=len(decodes),
             decode_slots=decode_slots,
             decode_mask=decode_mask,
+            decode_attn_order=attn_order,
             prefills=prefills,
-            logits_rows=torch.tensor(logits_rows, dtype=torch.long),
+            logits_rows=torch.tensor([row_of[id(s)] for s in batch.sampled()], dtype=torch.long),
+            adapters=self.adapters.plan(groups),
         )
 
     @staticmethod
-    def _decode_layout(batch: ScheduledBatch) -> tuple[torch.Tensor | slice, torch.Tensor | None]:
-        if not batch.decodes:
-            return slice(0, 0), None
-        slot_ids = [s.kv_slot for s in batch.decodes]          # sorted by the scheduler
-        lengths = torch.tensor([s.num_computed + 1 for s in batch.decodes])
+    def _decode_layout(decodes: list[Sequence]) -> tuple[torch.Tensor | slice, torch.Tensor | None,
+                                                          torch.Tensor | None]:
+        """KV slots of the decode rows in KV-slot order (a slice when contiguous), their key mask,
+        and the row permutation into that order (None when rows already are in it)."""
+        if not decodes:
+            return slice(0, 0), None, None
+        order = sorted(range(len(decodes)), key=lambda i: decodes[i].kv_slot)
+        slot_ids = [decodes[i].kv_slot for i in order]
+        lengths = torch.tensor([decodes[i].num_computed + 1 for i in order])
         contiguous = slot_ids == list(range(slot_ids[0], slot_ids[0] + len(slot_ids)))
         slots = slice(slot_ids[0], slot_ids[-1] + 1) if contiguous else torch.tensor(slot_ids)
         mask = torch.arange(int(lengths.max())) < lengths.unsqueeze(1)   # [B, L]
-        return slots, mask[:, None, None, :]
+        attn_order = None if order == list(range(len(order))) else torch.tensor(order)
+        return slots, mask[:, None, None, :], attn_order
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [len(batch.sampled()), vocab] float32."""
+        self.adapters.load_pending()
         ctx = self.prepare(batch)
         return self.model(ctx, self.kv_cache.keys, self.kv_cache.values)

@@ -2,8 +2,9 @@
 
 Each step: every running sequence that is decoding contributes one token; sequences still in their
 prompt continue with a chunk; then waiting requests are admitted in arrival order while a KV slot is
-free and the step's token budget lasts. Long prompts are split into chunks so decodes never stall
-behind them.
+free, the step's token budget lasts and the request's adapter can be pinned into an adapter slot
+(a request whose adapter cannot get a slot waits; others behind it may go first). Long prompts are
+split into chunks so decodes never stall behind them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from server.adapters.slot_table import SlotTable
 from server.engine.kv_slots import SlotAllocator
 from server.engine.sequence import Sequence, SeqStatus
 
@@ -31,8 +33,9 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, slots: SlotAllocator, max_batched_tokens: int) -> None:
+    def __init__(self, slots: SlotAllocator, max_batched_tokens: int, adapter_slots: SlotTable) -> None:
         self.slots = slots
+        self.adapter_slots = adapter_slots
         self.max_batched_tokens = max_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -56,8 +59,13 @@ class Scheduler:
                 n = 1
                 batch.decodes.append(seq)
             budget -= n
-        while self.waiting and budget > 0 and self.slots.num_free > 0:
-            seq = self.waiting.popleft()
+        for seq in list(self.waiting):
+            if budget == 0 or self.slots.num_free == 0:
+                break
+            version = seq.request.adapter_version
+            if version is not None and self.adapter_slots.acquire(version) is None:
+                continue  # every adapter slot is pinned by running requests: wait
+            self.waiting.remove(seq)
             seq.kv_slot = self.slots.allocate()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
@@ -99,3 +107,5 @@ class Scheduler:
         self.running.remove(seq)
         self.slots.free(seq.kv_slot)
         seq.kv_slot = None
+        if seq.request.adapter_version is not None:
+            self.adapter_slots.release(seq.request.adapter_version)

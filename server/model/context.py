@@ -21,14 +21,16 @@ class PrefillSegment:
 
 @dataclass(slots=True)
 class ForwardContext:
-    """Packed batch layout: decode tokens first (one per sequence), then prefill segments."""
+    """Packed batch layout: decode tokens first (one per sequence, grouped by adapter), then
+    prefill segments."""
 
     input_ids: torch.Tensor            # [T] int64
     positions: torch.Tensor            # [T] int64
     kv_slots: torch.Tensor             # [T] int64, KV slot of each token's sequence
     num_decode: int                    # the first num_decode rows are single-token decodes
     decode_slots: torch.Tensor | slice # KV slots of the decode rows; a slice when they are contiguous
-    decode_mask: torch.Tensor | None   # [num_decode, 1, 1, max_ctx] bool, True where a key is visible
+    decode_mask: torch.Tensor | None   # [num_decode, 1, 1, max_ctx] bool, in KV-slot order
+    decode_attn_order: torch.Tensor | None  # decode rows in KV-slot order; None = already in it
     prefills: list[PrefillSegment]
     logits_rows: torch.Tensor          # [S] rows whose next-token logits are needed
     cos: torch.Tensor | None = None    # [T, 1, head_dim], filled by the model from its RoPE tables

@@ -52,6 +52,7 @@ class AdaptedLinear(nn.Module):
         self.out_features = out_features
         self.slices = slices
         self.layer_index = layer_index
+        self.key = slices[0].path   # unique per layer; adapters' per-layer factors are keyed by it
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 

@@ -58,7 +58,11 @@ class Attention(nn.Module):
 
         out = torch.empty_like(q)                                  # [T, H, D]
         if ctx.num_decode:
-            out[: ctx.num_decode] = self._decode(q[: ctx.num_decode], ctx, k_cache, v_cache)
+            order = ctx.decode_attn_order
+            if order is None:
+                out[: ctx.num_decode] = self._decode(q[: ctx.num_decode], ctx, k_cache, v_cache)
+            else:  # rows are grouped by adapter; attention reads the cache in KV-slot order
+                out[order] = self._decode(q[order], ctx, k_cache, v_cache)
         for seg in ctx.prefills:
             rows = slice(seg.token_start, seg.token_start + seg.num_tokens)
             out[rows] = self._prefill(q[rows], seg.kv_slot, seg.start_pos, k_cache, v_cache)

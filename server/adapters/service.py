@@ -1,0 +1,86 @@
+"""Upload, resolve, list and delete adapters: the operations behind /adapters and adapter_id.
+
+Uploads are parsed and validated against the loaded base model before anything touches the store;
+publishing is atomic, and only then does the registry point the id at the new version. A lock
+orders resolve-and-retain against swaps and deletes, so a request either gets a version whose
+weights it holds until it finishes, or a 404.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from adapters_store import (
+    AdapterInfo,
+    AdapterNotFound,
+    AdapterRegistry,
+    AdapterStore,
+    BaseModelSpec,
+    ParsedAdapter,
+    content_version,
+    parse_adapter,
+    validate_adapter_id,
+)
+from server.adapters.host_cache import HostCache
+
+log = logging.getLogger(__name__)
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+class AdapterService:
+    def __init__(self, store: AdapterStore, registry: AdapterRegistry, cache: HostCache,
+                 spec: BaseModelSpec) -> None:
+        self.store = store
+        self.registry = registry
+        self.cache = cache
+        self.spec = spec
+        self._lock = threading.Lock()
+
+    def recover(self) -> int:
+        """Re-register every complete adapter in the store (partial ones are cleaned by scan)."""
+        for adapter_id, version in self.store.scan().items():
+            self.registry.register(AdapterInfo.from_dict(self.store.meta(adapter_id, version)["info"]))
+        return len(self.registry)
+
+    def upload(self, adapter_id: str, config_bytes: bytes, weights_bytes: bytes) -> AdapterInfo:
+        validate_adapter_id(adapter_id)
+        parsed = parse_adapter(config_bytes, weights_bytes, self.spec)
+        files = {CONFIG_FILE: config_bytes, WEIGHTS_FILE: weights_bytes}
+        info = AdapterInfo.from_parsed(adapter_id, content_version(files), parsed, created_at=time.time())
+        with self._lock:
+            version = self.store.publish(adapter_id, files, {"info": info.to_dict()})
+            self.cache.put(version, parsed)
+            previous = self.registry.register(info)
+            if previous is not None and previous.version != version:
+                # Requests still on the old version hold its weights in the host cache.
+                self.store.remove_version(adapter_id, previous.version)
+        log.info("adapter %s version %s published (%s, rank %d)", adapter_id, version, info.kind, info.rank)
+        return info
+
+    def delete(self, adapter_id: str) -> AdapterInfo:
+        with self._lock:
+            info = self.registry.remove(adapter_id)
+            if info is None:
+                raise AdapterNotFound(f"unknown adapter {adapter_id!r}")
+            self.store.delete(adapter_id)
+        return info
+
+    def get(self, adapter_id: str) -> AdapterInfo:
+        info = self.registry.resolve(adapter_id)
+        if info is None:
+            raise AdapterNotFound(f"unknown adapter {adapter_id!r}")
+        return info
+
+    def retain(self, adapter_id: str) -> str:
+        """Resolve the current version and hold its weights until `cache.release(version)`."""
+        with self._lock:
+            info = self.get(adapter_id)
+            self.cache.retain(info.version, lambda: self._load(info))
+            return info.version
+
+    def _load(self, info: AdapterInfo) -> ParsedAdapter:
+        files = self.store.read(info.adapter_id, info.version)
+        return parse_adapter(files[CONFIG_FILE], files[WEIGHTS_FILE], self.spec)

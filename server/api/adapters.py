@@ -1,0 +1,83 @@
+"""Adapter routes: upload (multipart), list, inspect, delete."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from adapters_store import AdapterInfo, AdapterTooLarge, MalformedUpload
+from server.runtime import Runtime
+
+router = APIRouter()
+
+
+def _public(info: AdapterInfo) -> dict:
+    return {"adapter_id": info.adapter_id, "version": info.version, "kind": info.kind, "rank": info.rank,
+            "ranks": {str(r): n for r, n in info.rank_counts.items()}, "target_modules": info.target_modules,
+            "num_layers": info.num_layers, "bytes": info.bytes, "created_at": info.created_at}
+
+
+async def _read_capped(request: Request, cap: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        raise AdapterTooLarge(f"upload of {int(declared)} bytes exceeds the {cap}-byte limit")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            raise AdapterTooLarge(f"upload exceeds the {cap}-byte limit")
+    return bytes(body)
+
+
+async def _form_parts(request: Request, cap: int) -> tuple[str, bytes, bytes]:
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise MalformedUpload("send multipart/form-data with fields adapter_id, config and weights")
+    body = await _read_capped(request, cap)
+
+    async def replay() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=2, max_fields=4)
+    except Exception as exc:  # python-multipart raises several types for broken bodies
+        raise MalformedUpload(f"cannot parse the multipart body: {exc}") from None
+    adapter_id = form.get("adapter_id")
+    if not isinstance(adapter_id, str):
+        raise MalformedUpload("form field 'adapter_id' (text) is missing")
+    files = {}
+    for name in ("config", "weights"):
+        part = form.get(name)
+        if not isinstance(part, UploadFile):
+            raise MalformedUpload(f"file field {name!r} is missing")
+        files[name] = await part.read()
+    return adapter_id, files["config"], files["weights"]
+
+
+@router.post("/adapters", status_code=201)
+async def upload_adapter(request: Request) -> JSONResponse:
+    runtime: Runtime = request.app.state.runtime
+    cap = int(runtime.config.adapters.max_upload_mb * 2**20)
+    adapter_id, config_bytes, weights_bytes = await _form_parts(request, cap)
+    info = await run_in_threadpool(runtime.adapters.upload, adapter_id, config_bytes, weights_bytes)
+    return JSONResponse(_public(info), status_code=201)
+
+
+@router.get("/adapters")
+async def list_adapters(request: Request) -> dict:
+    runtime: Runtime = request.app.state.runtime
+    return {"adapters": [_public(info) for info in runtime.adapters.registry.list()]}
+
+
+@router.get("/adapters/{adapter_id}")
+async def get_adapter(adapter_id: str, request: Request) -> dict:
+    runtime: Runtime = request.app.state.runtime
+    return _public(runtime.adapters.get(adapter_id))
+
+
+@router.delete("/adapters/{adapter_id}", status_code=204)
+async def delete_adapter(adapter_id: str, request: Request) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    await run_in_threadpool(runtime.adapters.delete, adapter_id)
+    return Response(status_code=204)
