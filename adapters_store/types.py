@@ -1,7 +1,7 @@
 """Plain data types shared by the parser, the store and the server.
 
-The canonical form of every supported adapter kind is a per-layer low-rank pair (A, B) with the
-PEFT scale already folded into B, so the serving kernels only ever see ``y += (x A^T) B^T``.
+The canonical form of every supported adapter kind is a per-layer low-rank pair (A, B) and a
+scale, so the serving kernels only ever see ``y += scale * (x A^T) B^T``.
 DoRA additionally carries a per-output-row multiplier ``output_scale`` (see ``LayerFactors``).
 """
 
@@ -39,14 +39,17 @@ class BaseModelSpec:
 class LayerFactors:
     """Canonical low-rank delta of one layer.
 
-    LoRA family:  y = x W0^T + b0 + ((x A^T) B^T + bias)
-    DoRA:         y = output_scale * (x W0^T + (x A^T) B^T) + b0
+    LoRA family:  y = x W0^T + b0 + ((x A^T) B^T) * scale / divisor + bias
+    DoRA:         y = output_scale * (x W0^T + scale * (x A^T) B^T) + b0
                   (``output_scale`` g = m / ||W0 + s*B0@A0||_row, computed once at parse time from the
                   server's base weight; PEFT recomputes it every forward from the same numbers.)
     """
 
     A: torch.Tensor  # [r, in] float32
-    B: torch.Tensor  # [out, r] float32, PEFT scale already folded in
+    B: torch.Tensor  # [out, r] float32, unscaled: PEFT multiplies by the scale after the product,
+    #                  and doing the same keeps our logits bit-identical to PEFT's
+    scale: float = 1.0
+    divisor: float = 1.0  # AdaLoRA: PEFT multiplies by alpha, then divides by (init_r + 1e-5)
     bias: torch.Tensor | None = None  # [out] float32 (lora_bias * scale) or None
     output_scale: torch.Tensor | None = None  # DoRA only, [out] float32
 
@@ -74,7 +77,7 @@ class ParsedAdapter:
         ``output_scale[:, None] * (W0 + ΔW)``; use :meth:`merged_weight` for that.
         """
         f = self.layers[path]
-        return f.B @ f.A
+        return (f.B @ f.A) * f.scale / f.divisor
 
     def merged_weight(self, path: str, base_weight: torch.Tensor) -> torch.Tensor:
         """Weight that replaces W0 when merging, in float32.
@@ -83,7 +86,7 @@ class ParsedAdapter:
         see :meth:`merged_bias`.
         """
         f = self.layers[path]
-        merged = base_weight.float() + f.B @ f.A
+        merged = base_weight.float() + (f.B @ f.A) * f.scale / f.divisor
         if f.output_scale is not None:
             merged = f.output_scale.view(-1, 1) * merged
         return merged

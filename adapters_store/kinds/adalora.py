@@ -82,7 +82,8 @@ def parse_adalora(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: B
             continue  # pruned by rank allocation: contributes exactly zero in PEFT
         check_rank(base, path, r)
         scaling = alpha if alpha > 0 else float(r)
-        layers[path] = LayerFactors(A=(A * E).contiguous(), B=(B * scaling / denom).contiguous())
+        layers[path] = LayerFactors(A=(A * E).contiguous(), B=B.contiguous(), scale=float(scaling),
+                                    divisor=float(denom.item()))
 
     if not layers:
         raise InvalidAdapter("AdaLoRA adapter has no layer with rank > 0")

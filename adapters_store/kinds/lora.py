@@ -2,7 +2,7 @@
 
 File keys per module: ``lora_A.weight [r,in]``, ``lora_B.weight [out,r]``, optionally
 ``lora_B.bias [out]`` (lora_bias) or ``lora_magnitude_vector [out]`` (DoRA).
-Scale: alpha_l / r_l, or alpha_l / sqrt(r_l) with use_rslora; folded into B (and the lora bias).
+Scale: alpha_l / r_l, or alpha_l / sqrt(r_l) with use_rslora; kept beside B (folded into the lora bias).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def parse_lora(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: Base
             # Uses the *unscaled* B, exactly as PEFT's forward does.
             output_scale = dora_output_scale(path, A, B, scale, t[_MAG], base.weight(path))
         layers[path] = LayerFactors(
-            A=A.contiguous(), B=(B * scale).contiguous(), bias=bias, output_scale=output_scale
+            A=A.contiguous(), B=B.contiguous(), scale=scale, bias=bias, output_scale=output_scale
         )
 
     if not layers:

@@ -27,19 +27,15 @@ def base_model_spec(linears: list[AdaptedLinear], max_rank: int, max_bytes: int)
 
 def pack_adapter(parsed: ParsedAdapter, linears: list[AdaptedLinear], dtype: torch.dtype,
                  device: torch.device | str = "cpu") -> dict[str, LinearFactors]:
-    """Lay one adapter out per AdaptedLinear: A's stacked, B's transposed, in the model dtype."""
+    """Lay one adapter out per AdaptedLinear (B transposed), in the model dtype on `device`."""
+    def convert(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device=device, dtype=dtype).contiguous()
+
     packed: dict[str, LinearFactors] = {}
     for linear in linears:
-        a_parts, slices, rank_start = [], [], 0
-        for s in linear.slices:
-            f = parsed.layers.get(s.path)
-            if f is None:
-                continue
-            convert = lambda t: None if t is None else t.to(device=device, dtype=dtype).contiguous()
-            slices.append(SliceFactors(s.out_start, s.out_features, rank_start, f.rank, convert(f.B.T),
-                                       convert(f.bias), convert(f.output_scale)))
-            a_parts.append(f.A)
-            rank_start += f.rank
+        slices = [SliceFactors(s.out_start, s.out_features, convert(f.A), convert(f.B.T), f.scale, f.divisor,
+                               convert(f.bias), convert(f.output_scale))
+                  for s in linear.slices if (f := parsed.layers.get(s.path)) is not None]
         if slices:
-            packed[linear.key] = LinearFactors(torch.cat(a_parts).to(device=device, dtype=dtype), slices)
+            packed[linear.key] = LinearFactors(slices)
     return packed

@@ -44,7 +44,7 @@ def test_good_baseline_parses(base_spec):
     parsed = parse_adapter(json.dumps(good_config()).encode(), st_save(good_tensors()), base_spec)
     assert set(parsed.layers) == {Q, K} and parsed.kind == "lora" and parsed.target_modules == ["k_proj", "q_proj"]
     f = parsed.layers[Q]
-    assert torch.allclose(f.B, good_tensors()[f"{P}{Q}.lora_B.weight"] * 2.0)  # alpha/r folded in
+    assert torch.equal(f.B, good_tensors()[f"{P}{Q}.lora_B.weight"]) and f.scale == 2.0  # alpha/r kept beside B
 
 
 def _with(**kw):

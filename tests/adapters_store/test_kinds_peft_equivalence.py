@@ -87,7 +87,7 @@ def test_lora_bias_forward_matches_peft(adapters, base_spec):
         x = torch.randn(5, f.A.shape[1], generator=g)
         with torch.no_grad():
             ref = mod(x)
-        ours = x @ base_spec.weight(path).T + (x @ f.A.T) @ f.B.T + f.bias
+        ours = x @ base_spec.weight(path).T + ((x @ f.A.T) @ f.B.T) * f.scale + f.bias
         torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
@@ -110,7 +110,7 @@ def test_dora_matches_peft_forward_and_merge(adapters, base_spec):
         x = torch.randn(5, f.A.shape[1], generator=g)
         with torch.no_grad():
             ref = mod(x)
-        ours = f.output_scale * (x @ w0.T + (x @ f.A.T) @ f.B.T)
+        ours = f.output_scale * (x @ w0.T + ((x @ f.A.T) @ f.B.T) * f.scale)
         torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
         ref_w = merged_model.get_submodule(path).weight.detach()
         torch.testing.assert_close(parsed.merged_weight(path, w0), ref_w, rtol=0, atol=1e-6)
