@@ -10,8 +10,8 @@ Usage: python benchmarks/throughput.py [--dtypes float32,bfloat16] [--concurrenc
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,54 +21,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import median_seconds, print_table, report_idle  # noqa: E402
+from benchmarks.workload import prompts, run_engine  # noqa: E402
 from server.config import EngineConfig, ServerConfig  # noqa: E402
 from server.demo_model import DEMO_MODEL_DIR  # noqa: E402
-from server.engine.request import Request, SamplingParams  # noqa: E402
 from server.runtime import Runtime, build_runtime  # noqa: E402
 
 NEW_TOKENS = 64
-
-
-def prompts(runtime: Runtime, n: int) -> list[list[int]]:
-    base = "Please write a detailed paragraph about the history of {} and why it matters to people today."
-    topics = ["bread", "rivers", "clocks", "paper", "bridges", "music", "salt", "maps", "glass", "tea", "iron",
-              "wool", "ships", "roads", "bees", "stone"]
-    out = []
-    for i in range(n):
-        ids = runtime.tokenizer.encode(base.format(topics[i % len(topics)]))
-        out.append((ids * 4)[:32])
-    return out
-
-
-def run_engine(runtime: Runtime, batch: list[list[int]]) -> dict[str, float]:
-    engine = runtime.engine
-    first: dict[str, float] = {}
-    done: dict[str, float] = {}
-    start = time.perf_counter()
-
-    def sink_for(rid: str):
-        def emit(event) -> None:
-            now = time.perf_counter()
-            first.setdefault(rid, now)
-            if event.finish_reason is not None:
-                done[rid] = now
-        return emit
-
-    for i, ids in enumerate(batch):
-        engine.admit(Request(f"b{i}", ids, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True),
-                             emit=sink_for(f"b{i}"), arrival_time=start))
-    decode_steps = []
-    while engine.scheduler.has_work():
-        pure_decode = not engine.scheduler.waiting and all(not s.in_prefill for s in engine.scheduler.running)
-        t0 = time.perf_counter()
-        engine.step()
-        if pure_decode and len(engine.scheduler.running) == len(batch):
-            decode_steps.append(time.perf_counter() - t0)
-    wall = time.perf_counter() - start
-    ttft = statistics.mean(first[r] - start for r in first)
-    tpot = statistics.mean((done[r] - first[r]) / (NEW_TOKENS - 1) for r in done)
-    return {"tok_s": len(batch) * NEW_TOKENS / wall, "ttft": ttft, "tpot": tpot,
-            "step": statistics.median(decode_steps)}
 
 
 def run_transformers(hf_model, batch: list[list[int]]) -> float:
@@ -107,17 +65,17 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model.name}")
     rows = []
     for dtype in args.dtypes.split(","):
-        runtime = build_runtime(ServerConfig(model=args.model, dtype=dtype,
+        runtime = build_runtime(ServerConfig(model=args.model, dtype=dtype, adapters_dir=Path(tempfile.mkdtemp()),
                                              engine=EngineConfig(max_model_len=256, max_num_seqs=16, kv_cache_gb=2)))
         hf_model = LlamaForCausalLM.from_pretrained(args.model, dtype=getattr(torch, dtype)).eval()
-        run_engine(runtime, prompts(runtime, 2))  # warm-up
+        run_engine(runtime, prompts(runtime, 2), NEW_TOKENS)  # warm-up
         for n in (int(c) for c in args.concurrency.split(",")):
             batch = prompts(runtime, n)
-            ours = run_engine(runtime, batch)
+            ours = run_engine(runtime, batch, NEW_TOKENS)
             hf = run_transformers(hf_model, batch)
             roof = roofline_step_seconds(runtime, n)
-            rows.append([dtype, n, ours["tok_s"], hf, n / roof, ours["tok_s"] / hf,
-                         ours["step"] * 1e3, roof * 1e3, ours["step"] / roof, ours["ttft"] * 1e3, ours["tpot"] * 1e3])
+            rows.append([dtype, n, ours.tok_s, hf, n / roof, ours.tok_s / hf, ours.decode_step * 1e3, roof * 1e3,
+                         ours.decode_step / roof, ours.ttft * 1e3, ours.tpot * 1e3])
         del runtime, hf_model
     print_table(["dtype", "conc", "engine tok/s", "transformers tok/s", "roofline tok/s", "engine/transformers",
                  "decode step ms", "roofline step ms", "step/roofline", "TTFT ms", "TPOT ms"], rows)

@@ -1,0 +1,153 @@
+"""Mixed-adapter throughput on SmolLM2, upload->ready latency, and stream stalls during uploads.
+
+One run, float32 by default, 16 concurrent greedy requests (32-token prompts, 64 new tokens):
+  (a) base only   (b) one LoRA r16 q,k,v,o for all   (c) 8 distinct LoRA r16 q,k,v,o, 2 requests each
+  (d) 16 distinct adapters, ranks 8..64, all seven targets mixed with q,k,v,o
+  (e) PEFT + transformers generate(adapter_names=...) on the batch of (c), and PEFT's own base
+Then: median upload->ready latency over 20 uploads (parse + validate + durable store + register,
+no network), and the largest inter-token gap of 8 running streams while 20 adapters are uploaded.
+
+Usage: python benchmarks/adapters.py [--dtype float32] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import print_table, report_idle  # noqa: E402
+from benchmarks.workload import lora_files, prompts, run_engine, write_adapter_dir  # noqa: E402
+from server.config import AdapterConfig, EngineConfig, ServerConfig  # noqa: E402
+from server.demo_model import DEMO_MODEL_DIR  # noqa: E402
+from server.engine.request import Request, SamplingParams  # noqa: E402
+from server.runtime import Runtime, build_runtime  # noqa: E402
+
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL = QKVO + ["gate_proj", "up_proj", "down_proj"]
+CONCURRENCY = 16
+
+
+def peft_tok_s(model_dir: Path, dtype: torch.dtype, adapter_dirs: list[Path], names: list[str],
+               batch: list[list[int]], new_tokens: int) -> float:
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        model = PeftModel.from_pretrained(base, adapter_dirs[0], adapter_name=f"a0")
+        for i, d in enumerate(adapter_dirs[1:], start=1):
+            model.load_adapter(d, adapter_name=f"a{i}")
+    ids = torch.tensor(batch)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=2)
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return len(batch) * new_tokens / (time.perf_counter() - start)
+
+
+def upload_latency_ms(runtime: Runtime, uploads: list[tuple[bytes, bytes]]) -> float:
+    samples = []
+    for i, (config, weights) in enumerate(uploads):
+        start = time.perf_counter()
+        runtime.adapters.upload(f"latency-{i}", config, weights)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e3
+
+
+def stalls_during_uploads(runtime: Runtime, uploads: list[tuple[bytes, bytes]], new_tokens: int) -> tuple[float, float]:
+    """(largest inter-token gap, median gap) in ms over 8 streams while `uploads` are published."""
+    engine = runtime.engine
+    stamps: dict[str, list[float]] = {f"s{i}": [] for i in range(8)}
+    done = threading.Event()
+    finished = []
+
+    def sink_for(rid: str):
+        def emit(event) -> None:
+            stamps[rid].append(time.perf_counter())
+            if event.finish_reason is not None:
+                finished.append(rid)
+                if len(finished) == len(stamps):
+                    done.set()
+        return emit
+
+    engine.start()
+    try:
+        for i, ids in enumerate(prompts(runtime, 8)):
+            engine.submit(Request(f"s{i}", ids, SamplingParams(max_tokens=new_tokens, ignore_eos=True),
+                                  emit=sink_for(f"s{i}"), arrival_time=time.perf_counter()))
+        time.sleep(0.5)  # streams are decoding before the first upload
+        for i, (config, weights) in enumerate(uploads):
+            runtime.adapters.upload(f"stall-{i}", config, weights)
+        done.wait(timeout=600)
+    finally:
+        engine.stop()
+    gaps = [b - a for s in stamps.values() for a, b in zip(s[1:], s[2:])]  # skip the prefill->first gap
+    return max(gaps) * 1e3, statistics.median(gaps) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--model", type=Path, default=DEMO_MODEL_DIR)
+    args = parser.parse_args()
+    report_idle()
+    work = Path(tempfile.mkdtemp(prefix="adapter-bench-"))
+    runtime = build_runtime(ServerConfig(model=args.model, dtype=args.dtype, adapters_dir=work / "store",
+                                         engine=EngineConfig(max_model_len=256, max_num_seqs=16, kv_cache_gb=2),
+                                         adapters=AdapterConfig(max_slots=16)))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, {CONCURRENCY} concurrent, "
+          f"{args.tokens} new tokens")
+    lora8 = [lora_files(runtime, 16, QKVO, seed=i) for i in range(8)]
+    for i, files in enumerate(lora8):
+        runtime.adapters.upload(f"lora16-{i}", *files)
+    ranks = [8, 8, 16, 16, 16, 24, 32, 32, 32, 40, 48, 48, 56, 64, 64, 64]
+    for i, rank in enumerate(ranks):
+        runtime.adapters.upload(f"mixed-{i}", *lora_files(runtime, rank, ALL if i % 2 else QKVO, seed=100 + i))
+
+    batch = prompts(runtime, CONCURRENCY)
+    run_engine(runtime, batch[:2], 4)  # warm-up
+    cases = {
+        "(a) base only": [None] * CONCURRENCY,
+        "(b) one LoRA r16 qkvo for all": ["lora16-0"] * CONCURRENCY,
+        "(c) 8 LoRA r16 qkvo mixed": [f"lora16-{i % 8}" for i in range(CONCURRENCY)],
+        "(d) 16 adapters r8-64 mixed": [f"mixed-{i}" for i in range(CONCURRENCY)],
+    }
+    results = {name: run_engine(runtime, batch, args.tokens, ids) for name, ids in cases.items()}
+    dirs = [write_adapter_dir(work / f"peft-{i}", *files) for i, files in enumerate(lora8)]
+    dtype = getattr(torch, args.dtype)
+    peft_mixed = peft_tok_s(args.model, dtype, dirs, [f"a{i % 8}" for i in range(CONCURRENCY)], batch, args.tokens)
+    peft_base = peft_tok_s(args.model, dtype, dirs, ["__base__"] * CONCURRENCY, batch, args.tokens)
+
+    base = results["(a) base only"].tok_s
+    rows = [[name, r.tok_s, r.tok_s / base, r.tok_s / peft_mixed, r.decode_step * 1e3, r.ttft * 1e3, r.tpot * 1e3]
+            for name, r in results.items()]
+    rows.append(["(e) PEFT generate, 8 LoRA mixed", peft_mixed, peft_mixed / base, 1.0, "", "", ""])
+    rows.append(["    PEFT generate, base (__base__)", peft_base, peft_base / base, peft_base / peft_mixed, "", "", ""])
+    print_table(["case", "tok/s", "vs (a)", "vs (e)", "decode step ms", "TTFT ms", "TPOT ms"], rows)
+
+    uploads = [lora_files(runtime, 16, QKVO, seed=1000 + i) for i in range(20)]
+    latency = upload_latency_ms(runtime, uploads)
+    worst, median_gap = stalls_during_uploads(runtime, [lora_files(runtime, 16, QKVO, seed=2000 + i)
+                                                        for i in range(20)], max(args.tokens, 128))
+    print_table(["measure", "value"], [
+        ["upload->ready, median of 20 (LoRA r16 qkvo, 7.4 MB)", f"{latency:.1f} ms"],
+        ["8 streams during 20 uploads: largest inter-token gap", f"{worst:.1f} ms"],
+        ["8 streams during 20 uploads: median inter-token gap", f"{median_gap:.1f} ms"],
+        ["largest / median gap", f"{worst / median_gap:.2f}x"],
+    ])
+
+
+if __name__ == "__main__":
+    main()
