@@ -54,13 +54,19 @@ def _check_version(version: str) -> str:
     return version
 
 
-def content_version(files: dict[str, bytes]) -> str:
-    """First 16 hex of sha256 over (name, length, bytes) of every file, in sorted name order."""
+def file_digests(files: dict[str, bytes]) -> dict[str, str]:
+    return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+
+def content_version(files: dict[str, bytes], digests: dict[str, str] | None = None) -> str:
+    """First 16 hex of sha256 over (name, length, sha256) of every file, in sorted name order.
+
+    Built from per-file digests so publishing hashes each (multi-MB) file once.
+    """
+    digests = digests or file_digests(files)
     h = hashlib.sha256()
     for name in sorted(files):
-        data = files[name]
-        h.update(name.encode() + b"\0" + len(data).to_bytes(8, "little"))
-        h.update(data)
+        h.update(name.encode() + b"\0" + len(files[name]).to_bytes(8, "little") + bytes.fromhex(digests[name]))
     return h.hexdigest()[:16]
 
 
@@ -134,7 +140,8 @@ class AdapterStore:
         for name in files:
             if not _FILE_RE.match(name) or name in _RESERVED_FILES:
                 raise ValueError(f"invalid stored file name {name!r}")
-        version = content_version(files)
+        digests = file_digests(files)
+        version = content_version(files, digests)
         meta_bytes = json.dumps(meta, sort_keys=True, indent=1).encode()  # fail before touching disk
         with self._lock:
             adir = self.root / adapter_id
@@ -151,7 +158,7 @@ class AdapterStore:
                         for name, data in files.items():
                             _write_file(tmp / name, data)
                             manifest["files"][name] = {
-                                "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                                "size": len(data), "sha256": digests[name]}
                         _write_file(tmp / "meta.json", meta_bytes)
                         _write_file(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
                         _fsync_dir(tmp)

@@ -19,7 +19,6 @@ from adapters_store import (
     AdapterStore,
     BaseModelSpec,
     ParsedAdapter,
-    content_version,
     parse_adapter,
     validate_adapter_id,
 )
@@ -42,16 +41,20 @@ class AdapterService:
     def recover(self) -> int:
         """Re-register every complete adapter in the store (partial ones are cleaned by scan)."""
         for adapter_id, version in self.store.scan().items():
-            self.registry.register(AdapterInfo.from_dict(self.store.meta(adapter_id, version)["info"]))
+            info = self.store.meta(adapter_id, version)["info"]
+            self.registry.register(AdapterInfo.from_dict({**info, "version": version}))
         return len(self.registry)
 
     def upload(self, adapter_id: str, config_bytes: bytes, weights_bytes: bytes) -> AdapterInfo:
         validate_adapter_id(adapter_id)
         parsed = parse_adapter(config_bytes, weights_bytes, self.spec)
         files = {CONFIG_FILE: config_bytes, WEIGHTS_FILE: weights_bytes}
-        info = AdapterInfo.from_parsed(adapter_id, content_version(files), parsed, created_at=time.time())
+        # The version is the content digest, computed by the store while it writes (one hash pass).
+        meta = AdapterInfo.from_parsed(adapter_id, "", parsed, created_at=time.time()).to_dict()
+        del meta["version"]
         with self._lock:
-            version = self.store.publish(adapter_id, files, {"info": info.to_dict()})
+            version = self.store.publish(adapter_id, files, {"info": meta})
+            info = AdapterInfo.from_dict({**meta, "version": version})
             self.cache.put(version, parsed)
             previous = self.registry.register(info)
             if previous is not None and previous.version != version:
