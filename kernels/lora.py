@@ -31,6 +31,13 @@ class SliceFactors:
     bias: torch.Tensor | None = None      # [out_features] lora_bias · scale
     output_scale: torch.Tensor | None = None  # [out_features] DoRA g = m / ‖W0 + s·BA‖_row
 
+    At: torch.Tensor = None               # type: ignore[assignment]  # Aᵀ as a view (no copy), set below
+
+    def __post_init__(self) -> None:
+        # A transposed *view*: the same strides x @ A.T sees, so results stay bit-identical, without
+        # building the view again in every layer of every step.
+        self.At = self.A.T
+
     @property
     def rank(self) -> int:
         return int(self.A.shape[0])
@@ -64,7 +71,7 @@ def lora_rows_ref(x: torch.Tensor, y: torch.Tensor, base_bias: torch.Tensor | No
     """
     for s in factors.slices:
         ys = y[:, s.out_start:s.out_start + s.out_features]
-        shrunk = x @ s.A.T                                            # [n, rank]
+        shrunk = torch.mm(x, s.At)                                    # [n, rank]
         if s.output_scale is None:
             if s.fused_scale_is_exact:
                 ys.addmm_(shrunk, s.Bt, alpha=s.scale)
