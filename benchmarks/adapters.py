@@ -1,6 +1,7 @@
 """Mixed-adapter throughput on SmolLM2, upload->ready latency, and stream stalls during uploads.
 
-One run, float32 by default, 16 concurrent greedy requests (32-token prompts, 64 new tokens):
+One process, float32 by default, 16 concurrent greedy requests (32-token prompts, 64 new tokens), each
+engine case run 3 times round-robin and the median reported:
   (a) base only   (b) one LoRA r16 q,k,v,o for all   (c) 8 distinct LoRA r16 q,k,v,o, 2 requests each
   (d) 16 distinct adapters, ranks 8..64, all seven targets mixed with q,k,v,o
   (e) PEFT + transformers generate(adapter_names=...) on the batch of (c), and PEFT's own base
@@ -87,8 +88,8 @@ def stalls_during_uploads(runtime: Runtime, uploads: list[tuple[bytes, bytes]], 
             engine.submit(Request(f"s{i}", ids, SamplingParams(max_tokens=new_tokens, ignore_eos=True),
                                   emit=sink_for(f"s{i}"), arrival_time=time.perf_counter()))
         time.sleep(0.5)  # streams are decoding before the first upload
-        for i, (config, weights) in enumerate(uploads):
-            runtime.adapters.upload(f"stall-{i}", config, weights)
+        for i, (config, weights) in enumerate(uploads):  # through the server's upload worker
+            runtime.adapters.submit_upload(f"stall-{i}", config, weights).result()
         done.wait(timeout=600)
     finally:
         engine.stop()
@@ -100,6 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="round-robin runs per case (median reported)")
     parser.add_argument("--model", type=Path, default=DEMO_MODEL_DIR)
     args = parser.parse_args()
     report_idle()
@@ -124,7 +126,12 @@ def main() -> None:
         "(c) 8 LoRA r16 qkvo mixed": [f"lora16-{i % 8}" for i in range(CONCURRENCY)],
         "(d) 16 adapters r8-64 mixed": [f"mixed-{i}" for i in range(CONCURRENCY)],
     }
-    results = {name: run_engine(runtime, batch, args.tokens, ids) for name, ids in cases.items()}
+    # Round-robin repeats, median per case: this machine drifts by ~10% between runs.
+    runs: dict[str, list] = {name: [] for name in cases}
+    for _ in range(args.repeats):
+        for name, ids in cases.items():
+            runs[name].append(run_engine(runtime, batch, args.tokens, ids))
+    results = {name: sorted(r, key=lambda x: x.tok_s)[len(r) // 2] for name, r in runs.items()}
     dirs = [write_adapter_dir(work / f"peft-{i}", *files) for i, files in enumerate(lora8)]
     dtype = getattr(torch, args.dtype)
     peft_mixed = peft_tok_s(args.model, dtype, dirs, [f"a{i % 8}" for i in range(CONCURRENCY)], batch, args.tokens)

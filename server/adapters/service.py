@@ -9,8 +9,10 @@ weights it holds until it finishes, or a 404.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from adapters_store import (
     AdapterInfo,
@@ -29,6 +31,15 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
+def _lower_thread_priority() -> None:
+    """Uploads yield the CPU to the engine: on a 2-core machine a busy third thread stalls torch's
+    two compute threads (measured: an inter-token gap 2.7x the median while uploading)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)
+    except (AttributeError, OSError):
+        pass
+
+
 class AdapterService:
     def __init__(self, store: AdapterStore, registry: AdapterRegistry, cache: HostCache,
                  spec: BaseModelSpec) -> None:
@@ -37,6 +48,9 @@ class AdapterService:
         self.cache = cache
         self.spec = spec
         self._lock = threading.Lock()
+        # One low-priority worker: uploads are serialised and never compete with decoding.
+        self._upload_worker = ThreadPoolExecutor(1, thread_name_prefix="adapter-upload",
+                                                 initializer=_lower_thread_priority)
 
     def recover(self) -> int:
         """Re-register every complete adapter in the store (partial ones are cleaned by scan)."""
@@ -44,6 +58,10 @@ class AdapterService:
             info = self.store.meta(adapter_id, version)["info"]
             self.registry.register(AdapterInfo.from_dict({**info, "version": version}))
         return len(self.registry)
+
+    def submit_upload(self, adapter_id: str, config_bytes: bytes, weights_bytes: bytes) -> Future[AdapterInfo]:
+        """Run `upload` on the low-priority upload worker."""
+        return self._upload_worker.submit(self.upload, adapter_id, config_bytes, weights_bytes)
 
     def upload(self, adapter_id: str, config_bytes: bytes, weights_bytes: bytes) -> AdapterInfo:
         validate_adapter_id(adapter_id)

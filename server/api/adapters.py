@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -60,7 +62,7 @@ async def upload_adapter(request: Request) -> JSONResponse:
     runtime: Runtime = request.app.state.runtime
     cap = int(runtime.config.adapters.max_upload_mb * 2**20)
     adapter_id, config_bytes, weights_bytes = await _form_parts(request, cap)
-    info = await run_in_threadpool(runtime.adapters.upload, adapter_id, config_bytes, weights_bytes)
+    info = await asyncio.wrap_future(runtime.adapters.submit_upload(adapter_id, config_bytes, weights_bytes))
     return JSONResponse(_public(info), status_code=201)
 
 
