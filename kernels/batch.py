@@ -1,8 +1,10 @@
-"""One step's adapter plan: which contiguous token rows use which adapter slot.
+"""One step's adapter plan: which token rows use which adapter, and how each layer applies them.
 
 The runner orders the packed batch so every adapter's tokens are contiguous (decodes grouped by
-slot, prefill segments are contiguous already), so applying an adapter needs no gather or scatter:
-each group is a plain row range. Base-model tokens (slot −1) simply have no group.
+family, then slot; prefill segments are contiguous already). LoRA-family adapters are applied per
+row range. VeRA and RandLoRA adapters are applied per projection family, so the products with the
+family's shared bases are done once for all of its tokens. Base-model tokens (slot −1) are in no
+group and cost nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Protocol
 import torch
 
 from kernels.lora import LinearFactors, lora_rows_ref
+from kernels.shared_bases import randlora_family_ref, vera_family_ref
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,23 +31,70 @@ class TokenGroup:
     end: int
 
 
+@dataclass(frozen=True, slots=True)
+class FamilyRows:
+    """The tokens of one VeRA/RandLoRA projection family in this step.
+
+    Example: groups (3, 0, 2), (5, 4, 6) of one family give rows = tensor([0, 1, 4, 5]),
+    token_slots = tensor([3, 3, 5, 5]), members = [(slice(0, 2), 3), (slice(2, 4), 5)].
+    """
+
+    kind: str                                # "vera" | "randlora"
+    key: str                                 # family key
+    rows: slice | torch.Tensor               # the family's rows in the packed batch
+    token_slots: torch.Tensor                # [n] adapter slot of each of those rows
+    members: list[tuple[slice, int]]         # (rows within the family's tokens, slot)
+
+
+class FamilyLayers(Protocol):
+    def vera_vectors(self, family: str, layer_key: str) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]: ...
+    def randlora_slices(self, family: str, layer_key: str) -> set[tuple[int, int]]: ...
+    def bases(self, family: str, out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 class LinearLike(Protocol):
     key: str
+    in_features: int
     bias: torch.Tensor | None
 
 
 class AdapterBatch:
-    """Implements the model's AdapterDelta: adds each group's adapter delta to a layer's output."""
+    """Implements the model's AdapterDelta: adds every adapter's contribution to a layer's output."""
 
-    def __init__(self, groups: list[TokenGroup], slot_factors: list[dict[str, LinearFactors] | None]) -> None:
-        self.groups = groups
-        self.slot_factors = slot_factors   # slot -> {linear key -> factors}; None = empty slot
+    def __init__(self, groups: list[TokenGroup], families: list[FamilyRows],
+                 slot_factors: list[dict[str, LinearFactors] | None], family_layers: FamilyLayers) -> None:
+        self.groups = groups                 # LoRA-family adapters only
+        self.families = families
+        self.slot_factors = slot_factors     # slot -> {layer key -> factors}
+        self.family_layers = family_layers
 
     def apply(self, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for group in self.groups:
             factors = self.slot_factors[group.slot].get(layer.key)
-            if factors is None:            # this adapter does not target this layer
-                continue
-            rows = slice(group.start, group.end)
-            lora_rows_ref(x[rows], y[rows], layer.bias, factors)
+            if factors is not None:
+                rows = slice(group.start, group.end)
+                lora_rows_ref(x[rows], y[rows], layer.bias, factors)
+        for family in self.families:
+            if family.kind == "vera":
+                self._vera(family, layer, x, y)
+            else:
+                self._randlora(family, layer, x, y)
         return y
+
+    def _vera(self, family: FamilyRows, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
+        vectors = self.family_layers.vera_vectors(family.key, layer.key)
+        for (out_start, out_f), (lambda_d, lambda_b) in vectors.items():
+            A_l, B_l = self.family_layers.bases(family.key, out_f, layer.in_features)
+            vera_family_ref(x, y[:, out_start:out_start + out_f], family.rows, A_l, B_l,
+                            lambda_d.index_select(0, family.token_slots),
+                            lambda_b.index_select(0, family.token_slots))
+
+    def _randlora(self, family: FamilyRows, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
+        for out_start, out_f in self.family_layers.randlora_slices(family.key, layer.key):
+            _, V = self.family_layers.bases(family.key, out_f, layer.in_features)
+            members = []
+            for rows, slot in family.members:
+                factors = self.slot_factors[slot].get(layer.key)
+                piece = next((s for s in factors.slices if s.out_start == out_start), None) if factors else None
+                members.append((rows, piece))
+            randlora_family_ref(x, y[:, out_start:out_start + out_f], family.rows, members, V)

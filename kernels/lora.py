@@ -50,14 +50,39 @@ class SliceFactors:
 
 
 @dataclass(slots=True)
-class LinearFactors:
-    """One adapter's weights for one AdaptedLinear."""
+class VeraSlice:
+    """A VeRA adapter's vectors for one projection; the bases belong to its family."""
 
-    slices: list[SliceFactors]
+    out_start: int
+    out_features: int
+    lambda_d: torch.Tensor                # [r]
+    lambda_b: torch.Tensor                # [out_features]
+
+
+@dataclass(slots=True)
+class RandLoraSlice:
+    """A RandLoRA adapter's scaled basis U for one projection; V belongs to its family."""
+
+    out_start: int
+    out_features: int
+    U: torch.Tensor                       # [r·nb, min(in, out)] = (λ ⊙ A_l ⊙ Γ) flattened, PEFT's order
+    scale: float
+    in_le_out: bool
+
+
+AnySlice = SliceFactors | VeraSlice | RandLoraSlice
+
+
+@dataclass(slots=True)
+class LinearFactors:
+    """One adapter's weights for one AdaptedLinear (slices of one kind)."""
+
+    slices: list[AnySlice]
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for s in self.slices for t in (s.A, s.Bt, s.bias, s.output_scale) if t is not None]
+        fields = ("A", "Bt", "bias", "output_scale", "lambda_d", "lambda_b", "U")
+        tensors = [t for s in self.slices for f in fields if (t := getattr(s, f, None)) is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 

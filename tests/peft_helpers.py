@@ -84,7 +84,7 @@ def our_logits(model: LlamaModel, ids: torch.Tensor, parsed=None) -> torch.Tenso
     adapters = None
     if parsed is not None:
         packed = pack_adapter(parsed, model.adapted_linears(), torch.float32)
-        adapters = AdapterBatch([TokenGroup(0, 0, n)], [packed])
+        adapters = AdapterBatch([TokenGroup(0, 0, n)], [], [packed], family_layers=None)
     ctx = ForwardContext(input_ids=ids, positions=torch.arange(n), kv_slots=torch.zeros(n, dtype=torch.long),
                          num_decode=0, decode_slots=slice(0, 0), decode_mask=None, decode_attn_order=None,
                          prefills=[PrefillSegment(0, n, 0, 0)], logits_rows=torch.arange(n), adapters=adapters)

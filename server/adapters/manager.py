@@ -1,4 +1,5 @@
-"""Engine-side adapter state: slot table, the packed weights in each slot, and per-step plans.
+"""Engine-side adapter state: slot table, the packed weights in each slot, resident projection
+families, and the per-step plan every AdaptedLinear applies.
 
 Runs on the engine thread only. The scheduler pins versions into slots as it admits sequences;
 before each forward, `load_pending` packs the newly assigned versions into their slots.
@@ -8,12 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from kernels.batch import AdapterBatch, TokenGroup
-from kernels.lora import LinearFactors
+from kernels.batch import AdapterBatch, FamilyRows, TokenGroup
+from kernels.lora import LinearFactors, RandLoraSlice, VeraSlice
+from server.adapters.families import FamilyCache
 from server.adapters.host_cache import HostCache
 from server.adapters.packing import pack_adapter
 from server.adapters.slot_table import SlotTable
 from server.model.layers import AdaptedLinear
+
+VeraVectors = dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 class AdapterManager:
@@ -24,14 +28,69 @@ class AdapterManager:
         self.linears = linears
         self.dtype = dtype
         self.device = device
-        self.slot_factors: list[dict[str, LinearFactors] | None] = [None] * table.num_slots
+        self.families = FamilyCache(dtype, device)
+        num = table.num_slots
+        self.slot_factors: list[dict[str, LinearFactors] | None] = [None] * num
+        self.slot_family: list[tuple[str, str] | None] = [None] * num   # (kind, family key) or None
+        # VeRA vectors of every slot, stacked per family/layer/projection so one gather serves a step.
+        self._vera: dict[str, dict[str, VeraVectors]] = {}
+        self._randlora: dict[str, dict[str, set[tuple[int, int]]]] = {}
         self.loads = 0
 
+    # ---- loading ---------------------------------------------------------------------------
     def load_pending(self) -> None:
         for version, slot in self.table.take_loads():
-            self.slot_factors[slot] = pack_adapter(self.cache.get(version), self.linears, self.dtype, self.device)
+            self._unload(slot)
+            parsed = self.cache.get(version)
+            bases = None if parsed.family is None else self.families.attach(parsed, slot)
+            factors = pack_adapter(parsed, self.linears, self.dtype, self.device, bases)
+            self.slot_factors[slot] = factors
+            if parsed.family is not None:
+                key = parsed.family.key()
+                self.slot_family[slot] = (parsed.family.kind, key)
+                self._register_family_slices(key, slot, factors)
             self.loads += 1
 
+    def _unload(self, slot: int) -> None:
+        previous = self.slot_family[slot]
+        if previous is not None:
+            for per_layer in self._vera.get(previous[1], {}).values():
+                for lambda_d, lambda_b in per_layer.values():
+                    lambda_d[slot].zero_()
+                    lambda_b[slot].zero_()
+            self.families.detach(slot)
+            if previous[1] not in self.families._families:
+                self._vera.pop(previous[1], None)
+                self._randlora.pop(previous[1], None)
+        self.slot_factors[slot] = None
+        self.slot_family[slot] = None
+
+    def _register_family_slices(self, key: str, slot: int, factors: dict[str, LinearFactors]) -> None:
+        num = self.table.num_slots
+        for layer_key, linear in factors.items():
+            for piece in linear.slices:
+                where = (piece.out_start, piece.out_features)
+                if isinstance(piece, VeraSlice):
+                    per_layer = self._vera.setdefault(key, {}).setdefault(layer_key, {})
+                    if where not in per_layer:
+                        per_layer[where] = (torch.zeros(num, piece.lambda_d.shape[0], dtype=self.dtype),
+                                            torch.zeros(num, piece.out_features, dtype=self.dtype))
+                    per_layer[where][0][slot] = piece.lambda_d
+                    per_layer[where][1][slot] = piece.lambda_b
+                elif isinstance(piece, RandLoraSlice):
+                    self._randlora.setdefault(key, {}).setdefault(layer_key, set()).add(where)
+
+    # ---- FamilyLayers protocol (used by AdapterBatch) --------------------------------------
+    def vera_vectors(self, family: str, layer_key: str) -> VeraVectors:
+        return self._vera.get(family, {}).get(layer_key, {})
+
+    def randlora_slices(self, family: str, layer_key: str) -> set[tuple[int, int]]:
+        return self._randlora.get(family, {}).get(layer_key, set())
+
+    def bases(self, family: str, out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.families._families[family].layer(out_f, in_f)
+
+    # ---- per step ----------------------------------------------------------------------------
     def slot_of(self, version: str | None) -> int:
         """-1 for the base model."""
         if version is None:
@@ -40,10 +99,35 @@ class AdapterManager:
         assert slot is not None, f"version {version} is running without a slot"
         return slot
 
+    def order_key(self, slot: int) -> tuple[str, int]:
+        """Sort key that makes each projection family's tokens contiguous."""
+        family = self.slot_family[slot] if slot >= 0 else None
+        return ("" if family is None else family[1], slot)
+
     def plan(self, groups: list[TokenGroup]) -> AdapterBatch | None:
-        return AdapterBatch(groups, self.slot_factors) if groups else None
+        if not groups:
+            return None
+        lora_groups = [g for g in groups if self.slot_family[g.slot] is None]
+        by_family: dict[tuple[str, str], list[TokenGroup]] = {}
+        for g in groups:
+            if self.slot_family[g.slot] is not None:
+                by_family.setdefault(self.slot_family[g.slot], []).append(g)
+        families = [_family_rows(kind, key, members) for (kind, key), members in by_family.items()]
+        return AdapterBatch(lora_groups, families, self.slot_factors, self)
 
     def finished(self, version: str | None) -> None:
         """A request of `version` ended (in any state); drop its host-cache hold."""
         if version is not None:
             self.cache.release(version)
+
+
+def _family_rows(kind: str, key: str, groups: list[TokenGroup]) -> FamilyRows:
+    members, offset = [], 0
+    for g in groups:
+        members.append((slice(offset, offset + g.end - g.start), g.slot))
+        offset += g.end - g.start
+    contiguous = all(a.end == b.start for a, b in zip(groups, groups[1:]))
+    rows = (slice(groups[0].start, groups[-1].end) if contiguous
+            else torch.cat([torch.arange(g.start, g.end) for g in groups]))
+    token_slots = torch.cat([torch.full((g.end - g.start,), g.slot, dtype=torch.long) for g in groups])
+    return FamilyRows(kind, key, rows, token_slots, members)

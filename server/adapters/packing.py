@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from adapters_store import BaseModelSpec, ParsedAdapter, TargetLayer
-from kernels.lora import LinearFactors, SliceFactors
+from adapters_store import BaseModelSpec, LayerFactors, ParsedAdapter, RandLoraFactors, TargetLayer, VeraFactors
+from kernels.lora import AnySlice, LinearFactors, RandLoraSlice, SliceFactors, VeraSlice
+from server.adapters.families import FamilyBases
 from server.model.layers import AdaptedLinear
 
 
@@ -26,15 +27,29 @@ def base_model_spec(linears: list[AdaptedLinear], max_rank: int, max_bytes: int)
 
 
 def pack_adapter(parsed: ParsedAdapter, linears: list[AdaptedLinear], dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> dict[str, LinearFactors]:
-    """Lay one adapter out per AdaptedLinear (B transposed), in the model dtype on `device`."""
+                 device: torch.device | str = "cpu", bases: FamilyBases | None = None) -> dict[str, LinearFactors]:
+    """Lay one adapter out per AdaptedLinear, in the model dtype on `device`.
+
+    LoRA family: A and Bᵀ per projection. VeRA: its two vectors. RandLoRA: its scaled basis U,
+    computed once here in float32 exactly as PEFT computes it on every forward.
+    """
     def convert(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(device=device, dtype=dtype).contiguous()
 
+    def one_slice(start: int, out_f: int, in_f: int, f) -> AnySlice:
+        if isinstance(f, LayerFactors):
+            return SliceFactors(start, out_f, convert(f.A), convert(f.B.T), f.scale, f.divisor,
+                                convert(f.bias), convert(f.output_scale))
+        if isinstance(f, VeraFactors):
+            return VeraSlice(start, out_f, convert(f.lambda_d), convert(f.lambda_b))
+        assert isinstance(f, RandLoraFactors) and bases is not None
+        A_l, _ = bases.layer(out_f, in_f)
+        U = (f.lam[:, :, None] * A_l.float() * f.gamma[None]).flatten(end_dim=1)
+        return RandLoraSlice(start, out_f, convert(U), f.scale, in_le_out=in_f <= out_f)
+
     packed: dict[str, LinearFactors] = {}
     for linear in linears:
-        slices = [SliceFactors(s.out_start, s.out_features, convert(f.A), convert(f.B.T), f.scale, f.divisor,
-                               convert(f.bias), convert(f.output_scale))
+        slices = [one_slice(s.out_start, s.out_features, linear.in_features, f)
                   for s in linear.slices if (f := parsed.layers.get(s.path)) is not None]
         if slices:
             packed[linear.key] = LinearFactors(slices)

@@ -36,7 +36,8 @@ class ModelRunner:
     def prepare(self, batch: ScheduledBatch) -> ForwardContext:
         slot_of = {id(s): self.adapters.slot_of(s.request.adapter_version)
                    for s in batch.decodes + [s for s, _ in batch.prefills]}
-        decodes = sorted(batch.decodes, key=lambda s: (slot_of[id(s)], s.kv_slot))
+        order = self.adapters.order_key
+        decodes = sorted(batch.decodes, key=lambda s: (order(slot_of[id(s)]), s.kv_slot))
         ids: list[int] = []
         positions: list[int] = []
         kv_slots: list[int] = []
