@@ -1,4 +1,4 @@
-"""Adapter upload parsing (PEFT LoRA / rsLoRA / DoRA / AdaLoRA), on-disk store and registry."""
+"""Adapter upload parsing (PEFT LoRA / rsLoRA / DoRA / AdaLoRA / VeRA / RandLoRA), on-disk store and registry."""
 
 from .errors import (
     AdapterError,
@@ -11,11 +11,19 @@ from .errors import (
     StoreCorrupted,
     UnsupportedAdapter,
 )
+from .canonical import canonical_files
 from .kinds import KIND_PARSERS, RESERVED_KINDS
 from .peft_config import parse_adapter
+from .projections import (
+    ProjectionFamily,
+    generate_projections,
+    randlora_layer_bases,
+    randlora_scaled_bases,
+    vera_layer_bases,
+)
 from .registry import AdapterInfo, AdapterRegistry
 from .store import AdapterStore, content_version, validate_adapter_id
-from .types import BaseModelSpec, LayerFactors, ParsedAdapter, TargetLayer
+from .types import BaseModelSpec, LayerFactors, ParsedAdapter, RandLoraFactors, TargetLayer, VeraFactors
 
 __all__ = [
     "AdapterError",
@@ -31,12 +39,20 @@ __all__ = [
     "LayerFactors",
     "MalformedUpload",
     "ParsedAdapter",
+    "ProjectionFamily",
     "RESERVED_KINDS",
+    "RandLoraFactors",
     "StoreConflict",
     "StoreCorrupted",
     "TargetLayer",
     "UnsupportedAdapter",
+    "VeraFactors",
+    "canonical_files",
     "content_version",
+    "generate_projections",
     "parse_adapter",
+    "randlora_layer_bases",
+    "randlora_scaled_bases",
     "validate_adapter_id",
+    "vera_layer_bases",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .config_checks import load_config
 from .errors import InvalidAdapter, UnsupportedAdapter
 from .kinds import KIND_PARSERS, RESERVED_KINDS
-from .tensors import load_tensors
+from .tensors import load_tensors, read_metadata
 from .types import BaseModelSpec, ParsedAdapter
 
 
@@ -28,4 +28,4 @@ def parse_adapter(config_bytes: bytes, weights_bytes: bytes, base: BaseModelSpec
         supported = ", ".join(sorted(KIND_PARSERS))
         raise UnsupportedAdapter(f"peft_type {peft_type!r}: {reason} (supported: {supported})")
     tensors = load_tensors(weights_bytes, base.max_bytes)
-    return parser(cfg, tensors, base)
+    return parser(cfg, tensors, base, read_metadata(weights_bytes))

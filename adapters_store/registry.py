@@ -20,8 +20,10 @@ class AdapterInfo:
     rank_counts: dict[int, int]  # rank -> number of layers with that rank (summary of uneven ranks)
     target_modules: list[str]
     num_layers: int
-    bytes: int  # canonical float32 factor bytes
+    bytes: int  # bytes the store keeps for this version (VeRA/RandLoRA: trained vectors only)
     created_at: float = field(default_factory=time.time)
+    projection: str | None = None  # VeRA/RandLoRA: "seed" (regenerated) or "stored" (own projections)
+    family: str | None = None  # VeRA/RandLoRA projection family key
 
     @classmethod
     def from_parsed(
@@ -38,6 +40,8 @@ class AdapterInfo:
             num_layers=len(parsed.layers),
             bytes=parsed.nbytes,
             created_at=time.time() if created_at is None else created_at,
+            projection=getattr(parsed, "projection", None),
+            family=None if getattr(parsed, "family", None) is None else parsed.family.key(),
         )
 
     def to_dict(self) -> dict[str, Any]:

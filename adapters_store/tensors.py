@@ -6,6 +6,7 @@ Only ``safetensors`` is ever decoded (never pickle). The size limit is enforced 
 
 from __future__ import annotations
 
+import json
 import struct
 
 import torch
@@ -84,6 +85,22 @@ def group_by_module(
     return groups
 
 
-def check_shape(key: str, t: torch.Tensor, expected: tuple[int, ...]) -> None:
+def check_shape(key: str, t: torch.Tensor, expected: tuple[int, ...], why: str | None = None) -> None:
     if tuple(t.shape) != expected:
-        raise InvalidAdapter(f"tensor {key!r} has shape {list(t.shape)}, expected {list(expected)}")
+        suffix = f" ({why})" if why else ""
+        raise InvalidAdapter(f"tensor {key!r} has shape {list(t.shape)}, expected {list(expected)}{suffix}")
+
+
+def read_metadata(weights_bytes: bytes) -> dict[str, str]:
+    """The ``__metadata__`` string map of a safetensors header ({} if absent or not a str->str map).
+
+    Call after :func:`load_tensors` accepted the bytes, so the header is known to be valid JSON.
+    """
+    (header_len,) = struct.unpack("<Q", weights_bytes[:8])
+    try:
+        meta = json.loads(weights_bytes[8 : 8 + header_len]).get("__metadata__") or {}
+    except (ValueError, AttributeError):
+        return {}
+    if not isinstance(meta, dict):
+        return {}
+    return {k: v for k, v in meta.items() if isinstance(k, str) and isinstance(v, str)}

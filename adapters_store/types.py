@@ -1,16 +1,26 @@
 """Plain data types shared by the parser, the store and the server.
 
-The canonical form of every supported adapter kind is a per-layer low-rank pair (A, B) and a
-scale, so the serving kernels only ever see ``y += scale * (x A^T) B^T``.
-DoRA additionally carries a per-output-row multiplier ``output_scale`` (see ``LayerFactors``).
+The canonical form of the LoRA family (LoRA, rsLoRA, AdaLoRA, DoRA) is a per-layer low-rank pair
+(A, B) and a scale, so the serving kernels see ``y += scale * (x A^T) B^T``; DoRA additionally
+carries a per-output-row multiplier ``output_scale`` (see ``LayerFactors``).
+VeRA and RandLoRA keep only their trained vectors per layer (``VeraFactors`` / ``RandLoraFactors``)
+plus a ``ProjectionFamily`` naming the shared random projections (ADAPTERS.md §3, §4, §6).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Union
 
 import torch
+
+from .projections import (
+    ProjectionFamily,
+    randlora_layer_bases,
+    randlora_scaled_bases,
+    shared_projections,
+    vera_layer_bases,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,40 +73,131 @@ class LayerFactors:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@dataclass(slots=True)
+class VeraFactors:
+    """VeRA layer (ADAPTERS.md §3.3): y = y0 + λ_b ⊙ ((λ_d ⊙ (x A_lᵀ)) B_lᵀ).
+
+    A_l = vera_A[:, :in], B_l = vera_B[:out, :] (see ``projections.vera_layer_bases``). No scale.
+    """
+
+    lambda_d: torch.Tensor  # [r] float32
+    lambda_b: torch.Tensor  # [out] float32
+    # λ_b gives `out`, but nothing in the trained vectors gives `in`, which the A slice needs.
+    in_features: int
+
+    @property
+    def rank(self) -> int:
+        return int(self.lambda_d.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.lambda_d, self.lambda_b)
+
+
+@dataclass(slots=True)
+class RandLoraFactors:
+    """RandLoRA layer (ADAPTERS.md §4.3), scale = randlora_alpha / r.
+
+    U = (λ[:, :, None] * A_l * Γ[None]).flatten(0, 1), V = B_l.flatten(1) (``projections.randlora_scaled_bases``);
+    in <= out: y = y0 + ((x Uᵀ) Vᵀ) * scale;  in > out: y = y0 + ((x V) U) * scale.
+    """
+
+    lam: torch.Tensor  # [r, nb_l] float32 (randlora_lambda)
+    gamma: torch.Tensor  # [nb_l, min_l] float32 (randlora_gamma)
+    scale: float
+    # min_l alone does not say which side is the input (the two cases use U and V differently).
+    out_features: int
+    in_features: int
+
+    @property
+    def rank(self) -> int:
+        return int(self.lam.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.lam, self.gamma)
+
+
+AnyFactors = Union[LayerFactors, VeraFactors, RandLoraFactors]
+Projections = tuple[torch.Tensor, torch.Tensor]
+
+
 @dataclass(slots=True)
 class ParsedAdapter:
-    kind: str  # "lora" | "rslora" | "adalora" | "dora"
-    layers: dict[str, LayerFactors]  # key = TargetLayer.path; rank-0 AdaLoRA layers dropped
+    kind: str  # "lora" | "rslora" | "adalora" | "dora" | "vera" | "randlora"
+    # key = TargetLayer.path; rank-0 AdaLoRA layers dropped. LayerFactors for the LoRA family,
+    # VeraFactors / RandLoraFactors for "vera" / "randlora".
+    layers: dict[str, AnyFactors]
     target_modules: list[str]  # sorted short names present, e.g. ["k_proj", "q_proj"]
+    family: ProjectionFamily | None = None  # VeRA / RandLoRA only
+    # Only for a stored family (family.stored_digest set): the uploaded float32 (A, B), shaped as
+    # PEFT's model-level buffers. A seed family regenerates them from ``family``.
+    projections: Projections | None = None
 
-    def delta_weight(self, path: str) -> torch.Tensor:
-        """Dense low-rank term ``B @ A`` [out, in] float32 (scale included).
+    @property
+    def projection(self) -> str | None:
+        """"seed" (regenerated from projection_prng_key), "stored" (own projections), None (LoRA family)."""
+        if self.family is None:
+            return None
+        return "seed" if self.projections is None else "stored"
 
-        For LoRA / rsLoRA / AdaLoRA this is exactly PEFT's ``get_delta_weight``: W = W0 + ΔW.
-        For DoRA it is only the *directional* update: the merged weight is NOT W0 + ΔW but
-        ``output_scale[:, None] * (W0 + ΔW)``; use :meth:`merged_weight` for that.
+    def resolve_projections(self, projections: Projections | None = None) -> Projections:
+        """The (A, B) this adapter uses: the argument, else the stored ones, else regenerated (cached)."""
+        if projections is not None:
+            return projections
+        if self.projections is not None:
+            return self.projections
+        if self.family is None:
+            raise ValueError(f"{self.kind} adapter has no shared projections")
+        return shared_projections(self.family)
+
+    def delta_weight(self, path: str, projections: Projections | None = None) -> torch.Tensor:
+        """Dense ΔW [out, in] float32 (scale included), ADAPTERS.md §7.
+
+        For LoRA / rsLoRA / AdaLoRA / VeRA / RandLoRA this is exactly PEFT's ``get_delta_weight``:
+        W = W0 + ΔW. For DoRA it is only the *directional* update: the merged weight is NOT W0 + ΔW
+        but ``output_scale[:, None] * (W0 + ΔW)``; use :meth:`merged_weight` for that.
+        ``projections`` only matters for VeRA / RandLoRA (default: :meth:`resolve_projections`).
         """
         f = self.layers[path]
-        return (f.B @ f.A) * f.scale / f.divisor
+        if isinstance(f, LayerFactors):
+            return (f.B @ f.A) * f.scale / f.divisor
+        A, B = self.resolve_projections(projections)
+        A, B = A.float(), B.float()
+        if isinstance(f, VeraFactors):
+            A_l, B_l = vera_layer_bases(A, B, int(f.lambda_b.shape[0]), f.in_features)
+            return (f.lambda_b[:, None] * B_l) @ (f.lambda_d[:, None] * A_l)
+        A_l, B_l = randlora_layer_bases(A, B, f.out_features, f.in_features, f.rank)
+        U, V = randlora_scaled_bases(f.lam, f.gamma, A_l, B_l)
+        # PEFT's get_scaled_bases/get_delta_weight, expression for expression: same rounding.
+        upd_b, upd_a = (U, V) if f.in_features <= f.out_features else (V.T, U.T)
+        return (upd_b.T @ upd_a.T).T * f.scale
 
-    def merged_weight(self, path: str, base_weight: torch.Tensor) -> torch.Tensor:
+    def merged_weight(
+        self, path: str, base_weight: torch.Tensor, projections: Projections | None = None
+    ) -> torch.Tensor:
         """Weight that replaces W0 when merging, in float32.
 
-        LoRA family: W0 + ΔW.  DoRA: g[:, None] * (W0 + ΔW).  A lora_bias is not included here;
-        see :meth:`merged_bias`.
+        LoRA family, VeRA, RandLoRA: W0 + ΔW.  DoRA: g[:, None] * (W0 + ΔW).  A lora_bias is not
+        included here; see :meth:`merged_bias`.
         """
         f = self.layers[path]
-        merged = base_weight.float() + (f.B @ f.A) * f.scale / f.divisor
-        if f.output_scale is not None:
+        merged = base_weight.float() + self.delta_weight(path, projections)
+        if isinstance(f, LayerFactors) and f.output_scale is not None:
             merged = f.output_scale.view(-1, 1) * merged
         return merged
 
     def merged_bias(self, path: str, base_bias: torch.Tensor | None) -> torch.Tensor | None:
-        """Bias after merging (base bias + lora_bias*scale); DoRA leaves the base bias unscaled."""
+        """Bias after merging (base bias + lora_bias*scale); DoRA, VeRA, RandLoRA leave it unchanged."""
         f = self.layers[path]
-        if f.bias is None:
+        bias = f.bias if isinstance(f, LayerFactors) else None
+        if bias is None:
             return None if base_bias is None else base_bias.float()
-        return f.bias.clone() if base_bias is None else base_bias.float() + f.bias
+        return bias.clone() if base_bias is None else base_bias.float() + bias
 
     @property
     def rank(self) -> int:
@@ -104,4 +205,6 @@ class ParsedAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(f.nbytes for f in self.layers.values())
+        """Per-adapter float32 bytes: factors, plus stored projections (a seed family's are shared)."""
+        own = _nbytes(*self.projections) if self.projections is not None else 0
+        return sum(f.nbytes for f in self.layers.values()) + own

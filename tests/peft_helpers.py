@@ -8,8 +8,10 @@ from pathlib import Path
 
 import torch
 
-from kernels.batch import AdapterBatch, TokenGroup
-from server.adapters.packing import pack_adapter
+from kernels.batch import TokenGroup
+from server.adapters.host_cache import HostCache
+from server.adapters.manager import AdapterManager
+from server.adapters.slot_table import SlotTable
 from server.model.context import ForwardContext, PrefillSegment
 from server.model.llama import LlamaModel
 
@@ -82,9 +84,14 @@ def our_logits(model: LlamaModel, ids: torch.Tensor, parsed=None) -> torch.Tenso
     keys = [torch.zeros(1, cfg.num_kv_heads, n, cfg.head_dim) for _ in range(cfg.num_layers)]
     values = [torch.zeros_like(k) for k in keys]
     adapters = None
-    if parsed is not None:
-        packed = pack_adapter(parsed, model.adapted_linears(), torch.float32)
-        adapters = AdapterBatch([TokenGroup(0, 0, n)], [], [packed], family_layers=None)
+    if parsed is not None:  # through the same slot loading and per-step planning the engine uses
+        cache = HostCache(max_bytes=2**40)
+        cache.put("v", parsed)
+        table = SlotTable(1)
+        table.acquire("v")
+        manager = AdapterManager(table, cache, model.adapted_linears(), torch.float32)
+        manager.load_pending()
+        adapters = manager.plan([TokenGroup(0, 0, n)])
     ctx = ForwardContext(input_ids=ids, positions=torch.arange(n), kv_slots=torch.zeros(n, dtype=torch.long),
                          num_decode=0, decode_slots=slice(0, 0), decode_mask=None, decode_attn_order=None,
                          prefills=[PrefillSegment(0, n, 0, 0)], logits_rows=torch.arange(n), adapters=adapters)

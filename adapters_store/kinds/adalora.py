@@ -10,6 +10,7 @@ B' = B * scaling / (ranknum + 1e-5), with the denominator built as the same floa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -41,7 +42,8 @@ def _rank_pattern(cfg: dict[str, Any], init_r: int) -> dict[str, int] | None:
     return out
 
 
-def parse_adalora(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelSpec) -> ParsedAdapter:
+def parse_adalora(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelSpec,
+                  metadata: Mapping[str, str] | None = None) -> ParsedAdapter:
     check_common(cfg)
     if get_bool(cfg, "use_dora"):
         raise UnsupportedAdapter("AdaLoRA with use_dora is not supported (PEFT rejects it too)")

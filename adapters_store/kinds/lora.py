@@ -8,6 +8,7 @@ Scale: alpha_l / r_l, or alpha_l / sqrt(r_l) with use_rslora; kept beside B (fol
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -31,7 +32,8 @@ from .dora import dora_output_scale
 _A, _B, _BIAS, _MAG = "lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector"
 
 
-def parse_lora(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelSpec) -> ParsedAdapter:
+def parse_lora(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelSpec,
+               metadata: Mapping[str, str] | None = None) -> ParsedAdapter:
     check_common(cfg)
     r_default = get_int(cfg, "r", 8)
     alpha_default = get_number(cfg, "lora_alpha", 8)

@@ -24,11 +24,10 @@ from adapters_store import (
     parse_adapter,
     validate_adapter_id,
 )
+from adapters_store.canonical import CONFIG_FILE, WEIGHTS_FILE, canonical_files
 from server.adapters.host_cache import HostCache
 
 log = logging.getLogger(__name__)
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 def _lower_thread_priority() -> None:
@@ -66,10 +65,12 @@ class AdapterService:
     def upload(self, adapter_id: str, config_bytes: bytes, weights_bytes: bytes) -> AdapterInfo:
         validate_adapter_id(adapter_id)
         parsed = parse_adapter(config_bytes, weights_bytes, self.spec)
-        files = {CONFIG_FILE: config_bytes, WEIGHTS_FILE: weights_bytes}
+        # VeRA/RandLoRA keep only their trained vectors (projections come back from the seed).
+        files = canonical_files(config_bytes, weights_bytes, parsed)
         # The version is the content digest, computed by the store while it writes (one hash pass).
         meta = AdapterInfo.from_parsed(adapter_id, "", parsed, created_at=time.time()).to_dict()
         del meta["version"]
+        meta["bytes"] = sum(len(data) for data in files.values())
         with self._lock:
             version = self.store.publish(adapter_id, files, {"info": meta})
             info = AdapterInfo.from_dict({**meta, "version": version})

@@ -18,7 +18,8 @@ router = APIRouter()
 def _public(info: AdapterInfo) -> dict:
     return {"adapter_id": info.adapter_id, "version": info.version, "kind": info.kind, "rank": info.rank,
             "ranks": {str(r): n for r, n in info.rank_counts.items()}, "target_modules": info.target_modules,
-            "num_layers": info.num_layers, "bytes": info.bytes, "created_at": info.created_at}
+            "num_layers": info.num_layers, "bytes": info.bytes, "created_at": info.created_at,
+            "projection": info.projection, "family": info.family}
 
 
 async def _read_capped(request: Request, cap: int) -> bytes:

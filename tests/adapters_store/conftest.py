@@ -57,7 +57,7 @@ def proj_names() -> tuple[str, ...]:
     return PROJ
 
 
-def _perturb(peft_model, seed: int) -> None:
+def _perturb(peft_model, seed: int, noise_scale: float = 0.1) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -67,7 +67,7 @@ def _perturb(peft_model, seed: int) -> None:
             if "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.2 * noise)  # keep magnitudes near the row norms, but not equal
             else:
-                p.copy_(0.1 * noise)  # keeps |ΔW| ~ 0.1-1 so float32 rounding stays << 1e-6
+                p.copy_(noise_scale * noise)  # 0.1 keeps |ΔW| ~ 0.1-1 so float32 rounding stays << 1e-6
 
 
 def _adalora_rank_pattern(peft_model, init_r: int, seed: int) -> dict[str, list[bool]]:
@@ -87,14 +87,15 @@ def _adalora_rank_pattern(peft_model, init_r: int, seed: int) -> dict[str, list[
     return pattern
 
 
-def build_adapter(base_model, config, tmp_dir: Path, seed: int, adalora_init_r: int | None = None):
+def build_adapter(base_model, config, tmp_dir: Path, seed: int, adalora_init_r: int | None = None,
+                  noise_scale: float = 0.1):
     """Wrap a copy of the base, perturb, save; returns (config_bytes, weights_bytes, loaded PeftModel)."""
     from peft import PeftModel, get_peft_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(copy.deepcopy(base_model), config)
-        _perturb(peft_model, seed)
+        _perturb(peft_model, seed, noise_scale)
         if adalora_init_r is not None:
             peft_model.peft_config["default"].rank_pattern = _adalora_rank_pattern(peft_model, adalora_init_r, seed)
         peft_model.save_pretrained(tmp_dir)
@@ -126,4 +127,36 @@ def adapters(base_model, tmp_path_factory):
     for i, (name, (cfg, init_r)) in enumerate(configs.items()):
         d = tmp_path_factory.mktemp(name)
         out[name] = build_adapter(base_model, cfg, d, seed=100 + i, adalora_init_r=init_r)
+    return out
+
+
+# VeRA / RandLoRA adapters for the equivalence tests: name -> (config, noise scale). VeRA's delta is
+# a product of four small factors, so its lambdas get unit noise to make every layer matter.
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def projected_configs() -> dict:
+    from peft import RandLoraConfig, VeraConfig
+
+    return {
+        "vera": (VeraConfig(r=16, target_modules=QKVO), 1.0),
+        "vera_noproj": (VeraConfig(r=16, projection_prng_key=9, target_modules=QKVO, save_projection=False), 1.0),
+        "vera_all_r7": (VeraConfig(r=7, projection_prng_key=123, target_modules="all-linear"), 1.0),
+        "randlora": (RandLoraConfig(r=8, randlora_alpha=16, target_modules=QKVO), 0.1),
+        "randlora_noproj": (RandLoraConfig(r=6, randlora_alpha=30, projection_prng_key=1, target_modules=QKVO,
+                                           save_projection=False), 0.1),
+        "randlora_sparse_all": (RandLoraConfig(r=7, randlora_alpha=14, projection_prng_key=3, sparse=True,
+                                               target_modules=list(PROJ)), 0.1),
+        "randlora_vsparse_noproj": (RandLoraConfig(r=8, randlora_alpha=640, projection_prng_key=11, very_sparse=True,
+                                                   target_modules=QKVO, save_projection=False), 0.01),
+    }
+
+
+@pytest.fixture(scope="session")
+def projected_adapters(base_model, tmp_path_factory):
+    """name -> (config_bytes, weights_bytes, loaded PEFT model) for VeRA / RandLoRA."""
+    out = {}
+    for i, (name, (cfg, noise)) in enumerate(projected_configs().items()):
+        d = tmp_path_factory.mktemp(name)
+        out[name] = build_adapter(base_model, cfg, d, seed=200 + i, noise_scale=noise)
     return out

@@ -82,8 +82,11 @@ CASES = [
     ("json-bad-utf8", _with(raw_cfg=b"\xff\xfe\xfa"), MalformedUpload, 400, "not valid JSON"),
     ("config-too-large", _with(raw_cfg=b" " * (2 << 20) + b"{}"), AdapterTooLarge, 413, "adapter_config.json"),
     ("missing-peft-type", _with(cfg={"peft_type": None}), InvalidAdapter, 422, "peft_type"),
-    ("vera-reserved", _with(cfg={"peft_type": "VERA"}), UnsupportedAdapter, 422, "VeRA"),
-    ("randlora-reserved", _with(cfg={"peft_type": "RANDLORA"}), UnsupportedAdapter, 422, "RandLoRA"),
+    # VeRA / RandLoRA are parsed now (test_projection_bad_uploads.py); LoRA tensors under them are rejected.
+    ("vera-with-lora-tensors", _with(cfg={"peft_type": "VERA", "save_projection": False}), InvalidAdapter, 422,
+     "lora_A.weight"),
+    ("randlora-with-lora-tensors", _with(cfg={"peft_type": "RANDLORA", "save_projection": False}), InvalidAdapter,
+     422, "lora_A.weight"),
     ("ia3-unsupported", _with(cfg={"peft_type": "IA3"}), UnsupportedAdapter, 422, "IA3"),
     ("pickle-weights", _with(raw_w=pickle.dumps({"a": 1})), MalformedUpload, 400, "safetensors"),
     ("garbage-weights", _with(raw_w=b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 12345678}"), MalformedUpload, 400,
