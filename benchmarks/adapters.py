@@ -5,6 +5,8 @@ engine case run 3 times round-robin and the median reported:
   (a) base only   (b) one LoRA r16 q,k,v,o for all   (c) 8 distinct LoRA r16 q,k,v,o, 2 requests each
   (d) 16 distinct adapters, ranks 8..64, all seven targets mixed with q,k,v,o
   (e) PEFT + transformers generate(adapter_names=...) on the batch of (c), and PEFT's own base
+  (f) 8 VeRA r256 q,k,v,o adapters of one seed   (g) 8 RandLoRA r32 q,k,v,o adapters of one seed
+  (PEFT cannot batch VeRA or RandLoRA adapters at all), and the bytes each kind keeps on disk.
 Then: median upload->ready latency over 20 uploads (parse + validate + durable store + register,
 no network), and the largest inter-token gap of 8 running streams while 20 adapters are uploaded.
 
@@ -27,7 +29,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import print_table, report_idle  # noqa: E402
-from benchmarks.workload import lora_files, prompts, run_engine, write_adapter_dir  # noqa: E402
+from benchmarks.workload import (  # noqa: E402
+    lora_files,
+    prompts,
+    randlora_files,
+    run_engine,
+    vera_files,
+    write_adapter_dir,
+)
 from server.config import AdapterConfig, EngineConfig, ServerConfig  # noqa: E402
 from server.demo_model import DEMO_MODEL_DIR  # noqa: E402
 from server.engine.request import Request, SamplingParams  # noqa: E402
@@ -117,6 +126,10 @@ def main() -> None:
     ranks = [8, 8, 16, 16, 16, 24, 32, 32, 32, 40, 48, 48, 56, 64, 64, 64]
     for i, rank in enumerate(ranks):
         runtime.adapters.upload(f"mixed-{i}", *lora_files(runtime, rank, ALL if i % 2 else QKVO, seed=100 + i))
+    stored = {"LoRA r16 qkvo": runtime.adapters.get("lora16-0").bytes}
+    for i in range(8):  # one seed: all eight share one projection family
+        stored["VeRA r256 qkvo"] = runtime.adapters.upload(f"vera-{i}", *vera_files(runtime, 256, QKVO, 0, 200 + i)).bytes
+        stored["RandLoRA r32 qkvo"] = runtime.adapters.upload(f"randlora-{i}", *randlora_files(runtime, 32, QKVO, 0, 300 + i)).bytes
 
     batch = prompts(runtime, CONCURRENCY)
     run_engine(runtime, batch[:2], 4)  # warm-up
@@ -125,6 +138,8 @@ def main() -> None:
         "(b) one LoRA r16 qkvo for all": ["lora16-0"] * CONCURRENCY,
         "(c) 8 LoRA r16 qkvo mixed": [f"lora16-{i % 8}" for i in range(CONCURRENCY)],
         "(d) 16 adapters r8-64 mixed": [f"mixed-{i}" for i in range(CONCURRENCY)],
+        "(f) 8 VeRA r256 qkvo mixed (one seed)": [f"vera-{i % 8}" for i in range(CONCURRENCY)],
+        "(g) 8 RandLoRA r32 qkvo mixed (one seed)": [f"randlora-{i % 8}" for i in range(CONCURRENCY)],
     }
     # Round-robin repeats, median per case: this machine drifts by ~10% between runs.
     runs: dict[str, list] = {name: [] for name in cases}
@@ -144,6 +159,8 @@ def main() -> None:
     rows.append(["    PEFT generate, base (__base__)", peft_base, peft_base / base, peft_base / peft_mixed, "", "", ""])
     print_table(["case", "tok/s", "vs (a)", "vs (e)", "decode step ms", "TTFT ms", "TPOT ms"], rows)
 
+    print_table(["adapter (SmolLM2, q,k,v,o)", "stored bytes", "vs LoRA r16"],
+                [[name, size, size / stored["LoRA r16 qkvo"]] for name, size in stored.items()])
     uploads = [lora_files(runtime, 16, QKVO, seed=1000 + i) for i in range(20)]
     latency = upload_latency_ms(runtime, uploads)
     worst, median_gap = stalls_during_uploads(runtime, [lora_files(runtime, 16, QKVO, seed=2000 + i)

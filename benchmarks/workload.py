@@ -39,6 +39,40 @@ def lora_files(runtime: Runtime, rank: int, targets: list[str], seed: int, scale
     return json.dumps(config).encode(), save(tensors, metadata={"format": "pt"})
 
 
+def _targeted(runtime: Runtime, targets: list[str]):
+    for linear in runtime.model.adapted_linears():
+        for s in linear.slices:
+            if s.path.rsplit(".", 1)[-1] in targets:
+                yield f"base_model.model.{s.path}", s.out_features, linear.in_features
+
+
+def vera_files(runtime: Runtime, rank: int, targets: list[str], key: int, seed: int) -> tuple[bytes, bytes]:
+    """A PEFT-format VeRA adapter (save_projection=false: only its vectors) with random trained values."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for prefix, out_f, _ in _targeted(runtime, targets):
+        tensors[f"{prefix}.vera_lambda_d"] = torch.randn(rank, generator=g) * 0.1
+        tensors[f"{prefix}.vera_lambda_b"] = torch.randn(out_f, generator=g) * 0.1
+    config = {"peft_type": "VERA", "r": rank, "target_modules": targets, "projection_prng_key": key,
+              "save_projection": False, "bias": "none", "task_type": "CAUSAL_LM"}
+    return json.dumps(config).encode(), save(tensors, metadata={"format": "pt"})
+
+
+def randlora_files(runtime: Runtime, rank: int, targets: list[str], key: int, seed: int) -> tuple[bytes, bytes]:
+    """A PEFT-format RandLoRA adapter (dense bases, save_projection=false) with random trained values."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for prefix, out_f, in_f in _targeted(runtime, targets):
+        min_l = min(out_f, in_f)
+        num_bases = -(-min_l // rank)
+        tensors[f"{prefix}.randlora_lambda"] = torch.randn(rank, num_bases, generator=g) * 0.01
+        tensors[f"{prefix}.randlora_gamma"] = torch.randn(num_bases, min_l, generator=g) * 0.01
+    config = {"peft_type": "RANDLORA", "r": rank, "randlora_alpha": 2 * rank, "target_modules": targets,
+              "projection_prng_key": key, "save_projection": False, "sparse": False, "very_sparse": False,
+              "bias": "none", "task_type": "CAUSAL_LM"}
+    return json.dumps(config).encode(), save(tensors, metadata={"format": "pt"})
+
+
 def write_adapter_dir(path: Path, config_bytes: bytes, weights: bytes) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "adapter_config.json").write_bytes(config_bytes)

@@ -46,10 +46,18 @@ class AdapterConfig:
     """Largest accepted upload body."""
     host_cache_gb: float = 4.0
     """Parsed adapters kept in host memory above the slots (re-read from disk when evicted)."""
+    mode: str = "auto"
+    """Default per-request adapter mode: auto | gathered | merged."""
+    max_merge_wait_ms: float = 500.0
+    """Longest a request is held back by a merged phase of another adapter."""
 
     def validate(self) -> None:
         if self.max_slots < 1 or self.max_rank < 1 or self.max_upload_mb <= 0 or self.host_cache_gb < 0:
             raise ValueError("adapter limits must be positive")
+        if self.mode not in ("auto", "gathered", "merged"):
+            raise ValueError(f"adapter mode must be auto, gathered or merged, not {self.mode!r}")
+        if self.max_merge_wait_ms < 0:
+            raise ValueError("max_merge_wait_ms must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +119,9 @@ _OPTIONS: list[tuple[str, str, type, str]] = [
     ("--max-lora-rank", "adapters.max_rank", int, "largest adapter rank accepted at upload"),
     ("--max-upload-mb", "adapters.max_upload_mb", float, "largest accepted adapter upload"),
     ("--host-cache-gb", "adapters.host_cache_gb", float, "parsed adapters kept in host memory"),
+    ("--adapter-mode", "adapters.mode", str, "default adapter mode: auto | gathered | merged"),
+    ("--max-merge-wait-ms", "adapters.max_merge_wait_ms", float,
+     "longest a request waits while another adapter is merged"),
 ]
 
 

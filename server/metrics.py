@@ -23,6 +23,13 @@ class Metrics:
         self.queue_depth = Gauge("queue_depth", "Requests waiting for admission", registry=r)
         self.running_sequences = Gauge("running_sequences", "Sequences holding a KV slot", registry=r)
         self.kv_cache_usage = Gauge("kv_cache_usage_ratio", "Fraction of KV cache slots in use", registry=r)
+        self.adapter_mode = Gauge("adapter_mode_merged", "1 while an adapter is merged into the weights",
+                                  registry=r)
+        self.merges = Counter("adapter_merges", "Adapters merged into the weights", registry=r)
+        self.restores = Counter("adapter_restores", "Base weights restored", registry=r)
+        self.merge_seconds = Counter("adapter_merge_seconds", "Time spent merging adapters", registry=r)
+        self.restore_seconds = Counter("adapter_restore_seconds", "Time spent restoring base weights", registry=r)
+        self.mode_seconds = Counter("mode_seconds", "Engine step time by phase", ["mode"], registry=r)
         self.step_seconds = Histogram("engine_step_seconds", "Wall time of one engine step",
                                       buckets=_LATENCY_BUCKETS, registry=r)
 

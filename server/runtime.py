@@ -18,6 +18,7 @@ from server.config import ServerConfig, available_cores
 from server.engine.engine import Engine
 from server.engine.kv_cache import KVCache, bytes_per_slot
 from server.engine.kv_slots import SlotAllocator
+from server.engine.phases import PhasePolicy
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.errors import ModelLoadError
@@ -71,7 +72,8 @@ def build_runtime(config: ServerConfig) -> Runtime:
     scheduler = Scheduler(SlotAllocator(num_slots), config.engine.max_batched_tokens, table)
     eos = frozenset(model_config.eos_token_ids)
     runner = ModelRunner(model, kv_cache, AdapterManager(table, cache, linears, dtype))
-    engine = Engine(runner, scheduler, tokenizer, metrics, max_len, eos)
+    policy = PhasePolicy(max_wait_s=adapter_cfg.max_merge_wait_ms / 1000)
+    engine = Engine(runner, scheduler, tokenizer, metrics, max_len, eos, policy)
     log.info("loaded %s (%s) in %.1fs: %d KV slots x %d tokens, %d threads, %d adapters in %s", config.model,
              dtype, time.perf_counter() - started, num_slots, max_len, torch.get_num_threads(), recovered,
              config.adapters_dir)

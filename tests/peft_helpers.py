@@ -77,6 +77,12 @@ def train_adalora(base_model, out_dir: Path, steps: int = 6) -> tuple[bytes, byt
     return (out_dir / "adapter_config.json").read_bytes(), (out_dir / "adapter_model.safetensors").read_bytes()
 
 
+def pristine(runtime):
+    """The runtime's model with base weights (an earlier engine run may have left an adapter merged)."""
+    runtime.engine.restore_base()
+    return runtime.model
+
+
 def our_logits(model: LlamaModel, ids: torch.Tensor, parsed=None) -> torch.Tensor:
     """Prefill logits [n, vocab] of our decoder, with one adapter applied to every token."""
     cfg = model.config

@@ -35,9 +35,10 @@ def _ids(runtime, text: str) -> list[int]:
     return runtime.tokenizer.encode_chat([{"role": "user", "content": text}])
 
 
-def _request(runtime, rid: str, adapter_id: str | None, text: str, max_tokens: int = 10):
+def _request(runtime, rid: str, adapter_id: str | None, text: str, max_tokens: int = 10, mode: str = "auto"):
     request, sink = make_request(rid, _ids(runtime, text), max_tokens=max_tokens, ignore_eos=True)
     request.adapter_version = None if adapter_id is None else runtime.adapters.retain(adapter_id)
+    request.mode = mode
     return request, sink
 
 
@@ -113,7 +114,7 @@ def test_adapter_slot_pressure_makes_requests_wait_not_mix_weights(demo_model_di
         files = demo_runtime.adapters.store.read(uploaded[name].adapter_id, uploaded[name].version)
         small.adapters.upload(name, files["adapter_config.json"], files["adapter_model.safetensors"])
     expected = [_alone(small, name, "Say hi.", 6) for name in names]
-    pairs = [_request(small, f"p{i}", name, "Say hi.", 6) for i, name in enumerate(names)]
+    pairs = [_request(small, f"p{i}", name, "Say hi.", 6, mode="gathered") for i, name in enumerate(names)]
     engine = small.engine
     for request, _ in pairs:
         engine.admit(request)

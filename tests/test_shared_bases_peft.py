@@ -8,7 +8,7 @@ from safetensors.torch import load, save
 
 from server.model.loader import load_model
 from tests.conftest import build_tiny_llama, drive, make_request
-from tests.peft_helpers import ALL_TARGETS, load_peft, our_logits, save_peft_adapter
+from tests.peft_helpers import pristine, ALL_TARGETS, load_peft, our_logits, save_peft_adapter
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -58,7 +58,7 @@ def test_logits_and_greedy_tokens_match_peft(demo_runtime, hf_demo_model, shared
     version = demo_runtime.adapters.retain(info.adapter_id)
     parsed = demo_runtime.adapters.cache.get(version)
     demo_runtime.adapters.cache.release(version)
-    assert (our_logits(demo_runtime.model, torch.tensor(ids), parsed) - theirs).abs().max() < 1e-4
+    assert (our_logits(pristine(demo_runtime), torch.tensor(ids), parsed) - theirs).abs().max() < 1e-4
     if 2 in expected:
         expected = expected[: expected.index(2) + 1]
     request, sink = make_request("sb-greedy", ids, max_tokens=10)
@@ -90,7 +90,7 @@ def test_tampered_projections_are_served_as_stored(demo_runtime, hf_demo_model, 
     version = demo_runtime.adapters.retain("sb-tampered")
     parsed = demo_runtime.adapters.cache.get(version)
     demo_runtime.adapters.cache.release(version)
-    assert (our_logits(demo_runtime.model, ids, parsed) - theirs).abs().max() < 1e-4
+    assert (our_logits(pristine(demo_runtime), ids, parsed) - theirs).abs().max() < 1e-4
 
 
 def test_everything_in_one_batch_equals_alone(demo_runtime, shared_adapters, hf_demo_model, tmp_path):

@@ -13,6 +13,7 @@ from kernels.batch import AdapterBatch, FamilyRows, TokenGroup
 from kernels.lora import LinearFactors, RandLoraSlice, VeraSlice
 from server.adapters.families import FamilyCache
 from server.adapters.host_cache import HostCache
+from server.adapters.merge import WeightMerger
 from server.adapters.packing import pack_adapter
 from server.adapters.slot_table import SlotTable
 from server.model.layers import AdaptedLinear
@@ -29,6 +30,7 @@ class AdapterManager:
         self.dtype = dtype
         self.device = device
         self.families = FamilyCache(dtype, device)
+        self.merger = WeightMerger(linears)
         num = table.num_slots
         self.slot_factors: list[dict[str, LinearFactors] | None] = [None] * num
         self.slot_family: list[tuple[str, str] | None] = [None] * num   # (kind, family key) or None
@@ -91,9 +93,21 @@ class AdapterManager:
         return self.families._families[family].layer(out_f, in_f)
 
     # ---- per step ----------------------------------------------------------------------------
+    # ---- merged phases ------------------------------------------------------------------------
+    @property
+    def merged_version(self) -> str | None:
+        return self.merger.state.version
+
+    def merge(self, version: str) -> float:
+        """Write `version` into the weights (raises CannotMerge); its tokens then need no delta."""
+        return self.merger.merge(version, self.cache.get(version))
+
+    def restore(self) -> float:
+        return self.merger.restore()
+
     def slot_of(self, version: str | None) -> int:
-        """-1 for the base model."""
-        if version is None:
+        """-1 for the base model and for the adapter currently merged into the weights."""
+        if version is None or version == self.merger.state.version:
             return -1
         slot = self.table.slot_of(version)
         assert slot is not None, f"version {version} is running without a slot"

@@ -66,6 +66,7 @@ async def generate(body: GenerateRequest, http_request: Request):
     runtime.engine.submit(EngineRequest(
         request_id, prompt_ids, params, emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
         adapter_version=adapter_version, arrival_time=time.perf_counter(),
+        mode=body.mode or runtime.config.adapters.mode,
     ))
     if body.stream:
         return StreamingResponse(_sse(request_id, events, runtime), media_type="text/event-stream")

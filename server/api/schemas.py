@@ -27,6 +27,7 @@ class GenerateRequest(BaseModel):
     ignore_eos: StrictBool = False
     stream: StrictBool = False
     adapter_id: StrictStr | None = None
+    mode: Literal["auto", "gathered", "merged"] | None = None
 
     @model_validator(mode="after")
     def _exactly_one_input(self) -> "GenerateRequest":

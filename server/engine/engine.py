@@ -12,7 +12,9 @@ import threading
 import time
 from dataclasses import dataclass
 
+from server.adapters.merge import CannotMerge
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.phases import GATHERED, Phase, PhasePolicy
 from server.engine.request import Request, TokenEvent
 from server.engine.runner import ModelRunner
 from server.engine.sampler import Sampler
@@ -31,7 +33,8 @@ class _Abort:
 
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: TextTokenizer,
-                 metrics: Metrics, max_model_len: int, eos_token_ids: frozenset[int]) -> None:
+                 metrics: Metrics, max_model_len: int, eos_token_ids: frozenset[int],
+                 policy: PhasePolicy | None = None) -> None:
         self.runner = runner
         self.scheduler = scheduler
         self.tokenizer = tokenizer
@@ -39,6 +42,8 @@ class Engine:
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
+        self.policy = policy or PhasePolicy(max_wait_s=0.5)
+        self.phase = GATHERED
         self._inbox: queue.Queue[Request | _Abort | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -67,14 +72,17 @@ class Engine:
 
     # ---- engine thread -------------------------------------------------------------------------
     def _loop(self) -> None:
+        idle = False
         while not self._stopping:
-            self._drain_inbox(block=not self.scheduler.has_work())
+            has_work = self.scheduler.has_work()
+            # Held-back work (a merged phase of another adapter) re-checks the policy every 2 ms.
+            self._drain_inbox(block=not has_work, timeout=0.002 if idle and has_work else None)
             if self.scheduler.has_work() and not self._stopping:
-                self.step()
+                idle = not self.step()
 
-    def _drain_inbox(self, block: bool) -> None:
+    def _drain_inbox(self, block: bool, timeout: float | None = None) -> None:
         try:
-            item = self._inbox.get(block=block)
+            item = self._inbox.get(block=block or timeout is not None, timeout=timeout)
             while True:
                 self._handle(item)
                 item = self._inbox.get_nowait()
@@ -98,11 +106,13 @@ class Engine:
         self.scheduler.add(Sequence(request, list(request.prompt_ids), detok, self.eos_token_ids,
                                     self.max_model_len))
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """One engine step; False when nothing could run (e.g. all work is held by a merged phase)."""
         started = time.perf_counter()
-        batch = self.scheduler.schedule()
+        self._enter(self.policy.next_phase(self.phase, self.scheduler.unfinished(), started))
+        batch = self.scheduler.schedule(self.phase.admits)
         if batch.empty:
-            return
+            return False
         sampled = batch.sampled()
         try:
             logits = self.runner.run(batch)
@@ -124,7 +134,34 @@ class Engine:
         for seq in finished:
             self._finish(seq, now)
         self._update_gauges()
-        self.metrics.step_seconds.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.metrics.step_seconds.observe(elapsed)
+        self.metrics.mode_seconds.labels("gathered" if self.phase.merged is None else "merged").inc(elapsed)
+        return True
+
+    def restore_base(self) -> None:
+        """Leave any merged phase now (engine thread, or tests using the model directly)."""
+        self._enter(GATHERED)
+
+    def _enter(self, phase: Phase) -> None:
+        """Switch phases between steps: only weights change, so every sequence's KV stays valid."""
+        if phase == self.phase:
+            return
+        adapters = self.runner.adapters
+        if adapters.merged_version is not None:
+            self.metrics.restore_seconds.inc(adapters.restore())
+            self.metrics.restores.inc()
+        if phase.merged is not None:
+            try:
+                self.metrics.merge_seconds.inc(adapters.merge(phase.merged))
+                self.metrics.merges.inc()
+            except CannotMerge as exc:
+                log.warning("serving %s gathered: %s", phase.merged, exc)
+                self.policy.unmergeable.add(phase.merged)
+                phase = GATHERED
+        self.phase = phase
+        self.metrics.adapter_mode.set(0 if phase.merged is None else 1)
+        log.debug("phase: %s", "gathered" if phase.merged is None else f"merged {phase.merged}")
 
     def _publish(self, seq: Sequence) -> None:
         new_ids = seq.token_ids[seq.num_prompt + seq.emitted_tokens:]

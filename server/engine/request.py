@@ -41,4 +41,5 @@ class Request:
     params: SamplingParams
     emit: Callable[[TokenEvent], None]     # thread-safe sink into the HTTP handler's queue
     adapter_version: str | None = None     # an adapter's identity is its version, never its name
+    mode: str = "auto"                     # "auto" | "gathered" | "merged" (see engine/phases.py)
     arrival_time: float = field(default=0.0)

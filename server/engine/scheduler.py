@@ -10,6 +10,7 @@ split into chunks so decodes never stall behind them.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from server.adapters.slot_table import SlotTable
@@ -46,12 +47,18 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def unfinished(self) -> list[Sequence]:
+        return [*self.running, *self.waiting]
+
+    def schedule(self, admits: Callable[[str | None], bool] = lambda version: True) -> ScheduledBatch:
+        """`admits(version)` says which adapter versions may run this step (merged phases)."""
         batch = ScheduledBatch()
         budget = self.max_batched_tokens
         for seq in sorted(self.running, key=lambda s: s.kv_slot):
             if budget == 0:
                 break
+            if not admits(seq.version):
+                continue  # paused: its KV stays valid, only the weights change meanwhile
             if seq.in_prefill:
                 n = min(seq.num_prompt - seq.num_computed, budget)
                 batch.prefills.append((seq, n))
@@ -63,6 +70,8 @@ class Scheduler:
             if budget == 0 or self.slots.num_free == 0:
                 break
             version = seq.request.adapter_version
+            if not admits(version):
+                continue
             if version is not None and self.adapter_slots.acquire(version) is None:
                 continue  # every adapter slot is pinned by running requests: wait
             self.waiting.remove(seq)

@@ -34,6 +34,14 @@ class Sequence:
         return self.request.request_id
 
     @property
+    def version(self) -> str | None:
+        return self.request.adapter_version
+
+    @property
+    def mode(self) -> str:
+        return self.request.mode
+
+    @property
     def num_prompt(self) -> int:
         return len(self.request.prompt_ids)
 

@@ -1,0 +1,138 @@
+"""Gathered LoRA on one packed q/k/v layer: Triton kernels vs the torch reference vs a naive loop.
+
+  naive     — per distinct adapter: boolean-mask gather of its tokens (batch order, not grouped),
+              (x Aᵀ) Bᵀ · s per projection, index_add back. What one writes without a step plan.
+  torch-ref — the server's CPU path: tokens grouped by slot, `kernels.lora.lora_rows_ref` per group.
+  triton    — `kernels.triton_ops.lora_apply` on slot buffers: token form at decode, segment form at
+              prefill (metadata built once per step, outside the timing, like the runner does).
+Decode: batch 1–256 tokens; prefill: 512–8192 tokens in 4 requests' segments; 1–64 distinct adapters,
+ranks 8–64 (the "8-64" row mixes them); hidden 4096 with q/k/v = 4096/1024/1024 columns, bf16.
+On CPU only the naive and torch-ref columns run, at small sizes (hidden 256, fp32); Triton needs a GPU.
+
+Usage: python benchmarks/kernels.py [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import median_seconds, print_table, report_idle  # noqa: E402
+from kernels.lora import LinearFactors, SliceFactors, lora_rows_ref  # noqa: E402
+from kernels.segments import alloc_slot_buffers, build_step_meta, write_slot  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+
+def make_adapters(n: int, ranks: list[int], hidden: int, out_slices: list[tuple[int, int]], dtype: torch.dtype,
+                  device: str) -> list[LinearFactors]:
+    gen = torch.Generator().manual_seed(0)
+    adapters = []
+    for i in range(n):
+        r = ranks[i % len(ranks)]
+        slices = [SliceFactors(start, size, (torch.randn(r, hidden, generator=gen) / hidden ** 0.5).to(device, dtype),
+                               (torch.randn(r, size, generator=gen) / r ** 0.5).to(device, dtype), 2.0)
+                  for start, size in out_slices]
+        adapters.append(LinearFactors(slices))
+    return adapters
+
+
+def naive(x: torch.Tensor, y: torch.Tensor, token_slots: torch.Tensor, adapters: list[LinearFactors]) -> None:
+    for slot, factors in enumerate(adapters):
+        rows = torch.nonzero(token_slots == slot).flatten()
+        if rows.numel() == 0:
+            continue
+        xs = x.index_select(0, rows)
+        for s in factors.slices:
+            delta = (xs @ s.A.T) @ s.Bt * s.scale
+            y[:, s.out_start:s.out_start + s.out_features].index_add_(0, rows, delta)
+
+
+def torch_ref(x: torch.Tensor, y: torch.Tensor, groups: list[tuple[int, int, int]],
+              adapters: list[LinearFactors]) -> None:
+    for slot, start, end in groups:
+        lora_rows_ref(x[start:end], y[start:end], None, adapters[slot])
+
+
+def layout(tokens: int, n_adapters: int, phase: str) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """Per-token slots in batch order (naive) and the grouped form (torch-ref, Triton): the same work."""
+    if phase == "decode":               # requests of the adapters interleaved, as they arrive
+        slots = torch.arange(tokens) % n_adapters
+    else:                               # 4 prompts (or fewer) per adapter group, contiguous segments
+        n_seg = max(4, n_adapters)
+        slots = (torch.arange(tokens) * n_seg // tokens) % n_adapters
+    order = torch.argsort(slots, stable=True)
+    grouped = slots[order]
+    groups, start = [], 0
+    for slot in grouped.unique_consecutive().tolist():
+        end = start + int((grouped == slot).sum())
+        groups.append((slot, start, end))
+        start = end
+    return slots, groups
+
+
+def run_case(phase: str, tokens: int, n_adapters: int, ranks: list[int], hidden: int, out_slices, dtype, device,
+             repeats: int) -> list[object]:
+    adapters = make_adapters(n_adapters, ranks, hidden, out_slices, dtype, device)
+    total = max(s + o for s, o in out_slices)
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    y = torch.zeros(tokens, total, device=device, dtype=dtype)
+    slots, groups = layout(tokens, n_adapters, phase)
+    slots_dev = slots.to(device)
+    sync = torch.cuda.synchronize if CUDA else (lambda: None)
+
+    def timed(fn) -> float:
+        return median_seconds(lambda: (fn(), sync()), repeats) * 1e3
+
+    t_naive = timed(lambda: naive(x, y, slots_dev, adapters))
+    t_ref = timed(lambda: torch_ref(x, y, groups, adapters))
+    row = [phase, tokens, n_adapters, "-".join(map(str, sorted(set(ranks)))), t_naive, t_ref]
+    if not CUDA:
+        return row + ["n/a", t_naive / t_ref, "n/a"]
+    from kernels import triton_ops
+    bufs = alloc_slot_buffers(hidden, out_slices, n_adapters, max(ranks), dtype, device)
+    for slot, factors in enumerate(adapters):
+        write_slot(bufs, slot, factors)
+    meta = build_step_meta(groups, tokens, device=device)
+    h = triton_ops.alloc_shrink_buffer(bufs, tokens)
+    form = "tokens" if phase == "decode" else "segments"
+    t_triton = timed(lambda: triton_ops.lora_apply(x, y, bufs, meta, h, form))
+    return row + [t_triton, t_naive / t_ref, t_ref / t_triton]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    report_idle()
+    if CUDA:
+        device, dtype, hidden = "cuda", torch.bfloat16, 4096
+        out_slices = [(0, 4096), (4096, 1024), (5120, 1024)]
+        decode, prefill, counts = [1, 16, 64, 256], [512, 2048, 8192], [1, 8, 64]
+        rank_sets = [[8], [64], [8, 16, 32, 64]]
+    else:
+        device, dtype, hidden = "cpu", torch.float32, 256
+        out_slices = [(0, 256), (256, 64), (320, 64)]
+        decode, prefill, counts = [1, 16, 64], [512], [1, 8]
+        rank_sets = [[8], [64]]
+        print("no CUDA device: the Triton rows need a GPU; showing naive vs torch-ref at small sizes "
+              f"(hidden {hidden}, fp32)")
+    rows = []
+    for phase, sizes in (("decode", decode), ("prefill", prefill)):
+        for tokens in sizes:
+            for n in counts:
+                if n > tokens:
+                    continue
+                for ranks in rank_sets:
+                    rows.append(run_case(phase, tokens, n, ranks, hidden, out_slices, dtype, device, args.repeats))
+    print_table(["phase", "tokens", "adapters", "rank", "naive ms", "torch-ref ms", "triton ms",
+                 "naive/ref", "ref/triton"], rows)
+
+
+if __name__ == "__main__":
+    main()

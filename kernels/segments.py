@@ -1,0 +1,210 @@
+"""Fixed-size per-step adapter metadata and stacked slot weights: the layout the Triton ops read.
+
+Pure torch. Two parts, both preallocated once at their maximum size so no step allocates:
+
+`StepMeta` — one per step, shared by every layer (vLLM's "punica metadata"):
+    token_slots [max_tokens]   int32   adapter slot of each packed row, −1 = base model (no work)
+    seg_starts  [max_segments] int32   first row of segment i  } prefill ("segment") form: rows
+    seg_lens    [max_segments] int32   row count (0 allowed)   } [start, start+len) all use seg_slots[i]
+    seg_slots   [max_segments] int32   slot of segment i       }
+    num_segments [1]           int32   how many entries of seg_* are live (a device scalar)
+    num_tokens, max_seg_len            host ints; only size the launch grids
+Rows past num_tokens have slot −1, segments past num_segments are never read, so every kernel
+launch can use the maximum grid and stay correct.
+
+`SlotBuffers` — one per AdaptedLinear, vLLM's stacked layout, `copy_` to load an adapter:
+    A_buf [n_slices, max_slots, max_rank, in]       A of projection j for slot s = A_buf[j, s, :r]
+    B_buf [max_slots, total_out, max_rank]          B of projection j = B_buf[s, out_start_j : +out_j, :r]
+    slot_ranks  [n_slices, max_slots] int32         r of (projection, slot); 0 = not adapted (no work)
+    slot_scales [n_slices, max_slots] float32       scale / divisor
+    bias_buf [max_slots, total_out] (optional)      lora_bias · scale, 0 where absent
+    g_buf    [max_slots, total_out] (optional)      DoRA g = m/‖W0+sBA‖_row, exactly 1.0 for plain LoRA
+Everything beyond a slot's rank is zero, and the kernels loop only to `slot_ranks[j, s]`, so an r=8
+adapter costs r=8 even next to an r=64 one. Rank and scale are stored per (projection, slot), not
+per slot: AdaLoRA's allocated ranks and PEFT's rank_pattern/alpha_pattern differ between q/k/v of
+one adapter. B is stacked along the packed output dimension, so the q/k/v (gate/up) projections of a
+layer are slices of one launch (a grid axis over j, each with its own out_start/out size/rank/scale).
+
+Worked example: slots [3, 3, −1, 5] as decodes, then a 4-token prefill of slot 3, groups
+(3, 0, 2), (5, 3, 4), (3, 4, 8) give, with max_tokens=10, max_segments=4:
+    token_slots = [3, 3, −1, 5, 3, 3, 3, 3, −1, −1]
+    seg_starts = [0, 3, 4, 0], seg_lens = [2, 1, 4, 0], seg_slots = [3, 5, 3, −1], num_segments = [3]
+    max_seg_len = 4
+
+CUDA graph capture of the decode step would need: these buffers (and the shrink scratch
+`[n_slices, max_tokens, max_rank]` fp32) allocated before capture and only `copy_`-ed into after;
+the token form launched with the padded batch size as its grid (one graph per padded batch size,
+as vLLM captures); no host reads of device values (num_segments stays on device, the kernels read
+it); adapter loads written into slots outside the replay (the graph reads slot contents by
+address, so a `copy_` between replays is picked up). The segment form's grid depends on
+max_seg_len, so prefill stays eager (or is captured with max_seg_len = max_tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.lora import LinearFactors, SliceFactors
+
+Group = tuple[int, int, int]   # (slot, start, end): rows [start, end) use `slot`
+
+
+@dataclass(slots=True)
+class StepMeta:
+    token_slots: torch.Tensor    # [max_tokens] int32, −1 = base
+    seg_starts: torch.Tensor     # [max_segments] int32
+    seg_lens: torch.Tensor       # [max_segments] int32
+    seg_slots: torch.Tensor      # [max_segments] int32
+    num_segments: torch.Tensor   # [1] int32
+    num_tokens: int = 0
+    max_seg_len: int = 0
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.token_slots.shape[0])
+
+    @property
+    def max_segments(self) -> int:
+        return int(self.seg_starts.shape[0])
+
+
+def alloc_step_meta(max_tokens: int, max_segments: int, device: torch.device | str = "cpu") -> StepMeta:
+    i32 = dict(dtype=torch.int32, device=device)
+    return StepMeta(torch.full((max_tokens,), -1, **i32), torch.zeros(max_segments, **i32),
+                    torch.zeros(max_segments, **i32), torch.full((max_segments,), -1, **i32),
+                    torch.zeros(1, **i32))
+
+
+def fill_step_meta(meta: StepMeta, groups: list[Group], num_tokens: int) -> StepMeta:
+    """Writes one step's grouping into `meta` in place (host-built, then one `copy_` per buffer)."""
+    if num_tokens > meta.max_tokens or len(groups) > meta.max_segments:
+        raise ValueError(f"{num_tokens} tokens / {len(groups)} groups exceed {meta.max_tokens} / {meta.max_segments}")
+    token_slots = torch.full((meta.max_tokens,), -1, dtype=torch.int32)
+    starts, lens, slots = (torch.zeros(meta.max_segments, dtype=torch.int32) for _ in range(3))
+    slots.fill_(-1)
+    for i, (slot, start, end) in enumerate(groups):
+        if not 0 <= start <= end <= num_tokens:
+            raise ValueError(f"group {(slot, start, end)} outside [0, {num_tokens})")
+        token_slots[start:end] = slot
+        starts[i], lens[i], slots[i] = start, end - start, slot
+    meta.token_slots.copy_(token_slots)
+    meta.seg_starts.copy_(starts)
+    meta.seg_lens.copy_(lens)
+    meta.seg_slots.copy_(slots)
+    meta.num_segments.fill_(len(groups))
+    meta.num_tokens = num_tokens
+    meta.max_seg_len = max((end - start for _, start, end in groups), default=0)
+    return meta
+
+
+def build_step_meta(groups: list[Group], num_tokens: int, max_tokens: int | None = None,
+                    max_segments: int | None = None, device: torch.device | str = "cpu") -> StepMeta:
+    meta = alloc_step_meta(max_tokens or max(num_tokens, 1), max_segments or max(len(groups), 1), device)
+    return fill_step_meta(meta, groups, num_tokens)
+
+
+@dataclass(slots=True)
+class SlotBuffers:
+    out_slices: list[tuple[int, int]]   # (out_start, out_features) per projection j
+    A_buf: torch.Tensor                 # [n_slices, max_slots, max_rank, in]
+    B_buf: torch.Tensor                 # [max_slots, total_out, max_rank]
+    slot_ranks: torch.Tensor            # [n_slices, max_slots] int32
+    slot_scales: torch.Tensor           # [n_slices, max_slots] float32
+    out_starts: torch.Tensor            # [n_slices] int32 (device copy of out_slices)
+    out_sizes: torch.Tensor             # [n_slices] int32
+    bias_buf: torch.Tensor | None = None  # [max_slots, total_out]
+    g_buf: torch.Tensor | None = None     # [max_slots, total_out], 1.0 where not DoRA
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.A_buf.shape[2])
+
+
+def alloc_slot_buffers(in_features: int, out_slices: list[tuple[int, int]], max_slots: int, max_rank: int,
+                       dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                       with_bias: bool = False, with_dora: bool = False) -> SlotBuffers:
+    total_out = max(start + size for start, size in out_slices)
+    n = len(out_slices)
+    i32 = dict(dtype=torch.int32, device=device)
+    return SlotBuffers(
+        out_slices=list(out_slices),
+        A_buf=torch.zeros(n, max_slots, max_rank, in_features, dtype=dtype, device=device),
+        B_buf=torch.zeros(max_slots, total_out, max_rank, dtype=dtype, device=device),
+        slot_ranks=torch.zeros(n, max_slots, **i32),
+        slot_scales=torch.zeros(n, max_slots, dtype=torch.float32, device=device),
+        out_starts=torch.tensor([s for s, _ in out_slices], **i32),
+        out_sizes=torch.tensor([o for _, o in out_slices], **i32),
+        bias_buf=torch.zeros(max_slots, total_out, dtype=dtype, device=device) if with_bias else None,
+        g_buf=torch.ones(max_slots, total_out, dtype=dtype, device=device) if with_dora else None,
+    )
+
+
+def clear_slot(bufs: SlotBuffers, slot: int) -> None:
+    bufs.A_buf[:, slot].zero_()
+    bufs.B_buf[slot].zero_()
+    bufs.slot_ranks[:, slot] = 0
+    bufs.slot_scales[:, slot] = 0.0
+    if bufs.bias_buf is not None:
+        bufs.bias_buf[slot].zero_()
+    if bufs.g_buf is not None:
+        bufs.g_buf[slot].fill_(1.0)
+
+
+def write_slot(bufs: SlotBuffers, slot: int, factors: LinearFactors | None) -> None:
+    """Loads one adapter's LoRA-family factors for this layer into `slot` (copy_, zero padding)."""
+    clear_slot(bufs, slot)
+    if factors is None:
+        return
+    for s in factors.slices:
+        if not isinstance(s, SliceFactors):
+            raise TypeError(f"{type(s).__name__} uses the shared-bases ops, not slot buffers")
+        j = bufs.out_slices.index((s.out_start, s.out_features))
+        r, cols = s.rank, slice(s.out_start, s.out_start + s.out_features)
+        if r > bufs.max_rank:
+            raise ValueError(f"rank {r} > max_rank {bufs.max_rank}")
+        bufs.A_buf[j, slot, :r].copy_(s.A)
+        bufs.B_buf[slot, cols, :r].copy_(s.Bt.T)
+        bufs.slot_ranks[j, slot] = r
+        bufs.slot_scales[j, slot] = s.scale / s.divisor
+        if s.bias is not None:
+            if bufs.bias_buf is None:
+                raise ValueError("slot buffers were allocated without bias")
+            bufs.bias_buf[slot, cols].copy_(s.bias)
+        if s.output_scale is not None:
+            if bufs.g_buf is None:
+                raise ValueError("slot buffers were allocated without DoRA scales")
+            bufs.g_buf[slot, cols].copy_(s.output_scale)
+
+
+def lora_shrink_expand_ref(x: torch.Tensor, y: torch.Tensor, meta: StepMeta, bufs: SlotBuffers,
+                           base_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch reference of the slot-buffer ops, in place on y [T, total_out], per live segment i and
+    projection j with s = seg_slots[i], r = slot_ranks[j, s], rows = seg i, cols = slice j:
+        L = (x[rows] A_buf[j, s, :r]ᵀ) B_buf[s, cols, :r]ᵀ
+        y[rows, cols] += (g − 1) ⊙ (y − b0) + (g ⊙ L) · slot_scales[j, s] + bias[s, cols]
+    with g ≡ 1 and bias ≡ 0 when the buffers have none (then it is `y += L · scale`).
+    """
+    starts, lens, slots = (t.tolist() for t in (meta.seg_starts, meta.seg_lens, meta.seg_slots))
+    for i in range(int(meta.num_segments.item())):
+        slot, rows = slots[i], slice(starts[i], starts[i] + lens[i])
+        if slot < 0 or lens[i] == 0:
+            continue
+        for j, (out_start, out_f) in enumerate(bufs.out_slices):
+            r = int(bufs.slot_ranks[j, slot])
+            if r == 0:
+                continue
+            cols = slice(out_start, out_start + out_f)
+            ys = y[rows, cols]
+            lora = torch.mm(x[rows], bufs.A_buf[j, slot, :r].T) @ bufs.B_buf[slot, cols, :r].T
+            scale = float(bufs.slot_scales[j, slot])
+            if bufs.g_buf is not None:
+                g = bufs.g_buf[slot, cols]
+                base = ys - base_bias[cols] if base_bias is not None else ys.clone()
+                ys.add_((g - 1) * base + g * lora * scale)
+            else:
+                ys.add_(lora.mul_(scale))
+            if bufs.bias_buf is not None:
+                ys.add_(bufs.bias_buf[slot, cols])
+    return y

@@ -1,0 +1,89 @@
+"""When to merge an adapter into the weights and when to go back to mixing (pure Python).
+
+A phase is either *gathered* (every request runs, adapters applied per token) or *merged(V)*
+(adapter version V is written into the weights; only V's requests run, at base-model speed; all
+others stay queued or paused with their KV intact). Policy, per step:
+
+- gathered -> merged(V) when one adapter owns all the work (mode "auto"), or a request asked for
+  "merged" and nobody else is owed service;
+- merged(V) -> gathered when V has no work left but others do, when a "gathered" request of
+  another adapter arrives, or when any other request has been held back longer than `max_wait` —
+  those requests are then *owed*: the engine stays gathered until they finish, so a flood of V
+  cannot starve them and phases do not ping-pong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    merged: str | None = None        # adapter version written into the weights; None = gathered
+
+    def admits(self, version: str | None) -> bool:
+        return self.merged is None or version == self.merged
+
+
+GATHERED = Phase()
+
+
+class Work(Protocol):
+    """What the policy needs to know of a queued or running sequence."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def version(self) -> str | None: ...
+    @property
+    def mode(self) -> str: ...       # "auto" | "gathered" | "merged"
+
+
+class PhasePolicy:
+    def __init__(self, max_wait_s: float) -> None:
+        self.max_wait_s = max_wait_s
+        self._held_since: dict[str, float] = {}   # request -> when the current phase started holding it
+        self._owed: set[str] = set()
+        self.unmergeable: set[str] = set()         # versions whose merge failed: always gathered
+
+    def next_phase(self, current: Phase, work: list[Work], now: float) -> Phase:
+        live = {w.request_id for w in work}
+        self._owed &= live
+        for rid in list(self._held_since):
+            if rid not in live:
+                del self._held_since[rid]
+        for w in work:
+            if current.admits(w.version):
+                self._held_since.pop(w.request_id, None)
+            else:
+                self._held_since.setdefault(w.request_id, now)
+        if current.merged is not None:
+            return self._from_merged(current, work, now)
+        return self._from_gathered(work)
+
+    def _from_merged(self, current: Phase, work: list[Work], now: float) -> Phase:
+        starved = {rid for rid, since in self._held_since.items() if now - since >= self.max_wait_s}
+        if starved:
+            self._owed |= starved
+            return GATHERED
+        if work and not any(w.version == current.merged for w in work):
+            return GATHERED
+        if any(w.mode == "gathered" and not current.admits(w.version) for w in work):
+            return GATHERED   # "gathered" requests are never held back by a merge
+        return current
+
+    def _from_gathered(self, work: list[Work]) -> Phase:
+        if not work or self._owed:
+            return GATHERED
+        versions = {w.version for w in work}
+        if len(versions) == 1:
+            (version,) = versions
+            if version is not None and version not in self.unmergeable and all(w.mode != "gathered" for w in work):
+                return Phase(version)
+        wanted = [w.version for w in work if w.mode == "merged" and w.version is not None
+                  and w.version not in self.unmergeable]
+        return Phase(wanted[0]) if wanted else GATHERED
+
+    def held_since(self, request_id: str) -> float | None:
+        return self._held_since.get(request_id)
