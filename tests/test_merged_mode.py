@@ -53,10 +53,11 @@ def test_merged_logits_equal_gathered_and_restore_is_exact(demo_runtime, merge_a
             changed = [n for n, p in model.named_parameters() if not torch.equal(p, originals[n])]
         finally:
             manager.restore()
-        # Merging rounds every adapted weight once more than the gathered path: PEFT's own
-        # merge_and_unload differs from its unmerged forward by 7.4e-5 on this model, ours by
-        # up to 1.4e-4 (logits ~25). Greedy tokens are compared in the next test.
-        assert (merged - gathered).abs().max().item() < 2e-4
+        # Merging rounds every adapted weight differently from the gathered path. PEFT's own
+        # merge_and_unload differs from its unmerged forward on this model by 7.4e-5 (LoRA, all
+        # targets) and 2.4e-4 (RandLoRA, full rank); ours measured up to 1.4e-4 and 3.4e-4 with
+        # logits ~25. Greedy tokens are compared in the next test.
+        assert (merged - gathered).abs().max().item() < 5e-4
         assert changed, "merging must change some weights"
         for name, p in model.named_parameters():
             assert torch.equal(p, originals[name]), f"{name} not restored exactly"

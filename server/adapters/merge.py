@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapters_store import LayerFactors, ParsedAdapter
+from adapters_store import LayerFactors, ParsedAdapter, VeraFactors
+from adapters_store.projections import randlora_layer_bases, randlora_scaled_bases, vera_layer_bases
 from server.model.layers import AdaptedLinear
 
 
@@ -23,7 +24,16 @@ def _merged_weight(parsed: ParsedAdapter, path: str, w0: torch.Tensor) -> torch.
     if isinstance(f, LayerFactors):
         delta = (f.B.double() @ f.A.double()) * f.scale / f.divisor
     else:
-        delta = parsed.delta_weight(path).double()
+        A, B = (t.double() for t in parsed.resolve_projections())
+        out_f, in_f = w0.shape
+        if isinstance(f, VeraFactors):
+            A_l, B_l = vera_layer_bases(A, B, out_f, in_f)
+            delta = (f.lambda_b.double()[:, None] * B_l) @ (f.lambda_d.double()[:, None] * A_l)
+        else:
+            A_l, B_l = randlora_layer_bases(A, B, out_f, in_f, f.rank)
+            U, V = randlora_scaled_bases(f.lam.double(), f.gamma.double(), A_l, B_l)
+            dense = V @ U
+            delta = (dense if in_f <= out_f else dense.T) * f.scale
     merged = w0.double() + delta
     if isinstance(f, LayerFactors) and f.output_scale is not None:   # DoRA replaces W
         merged = f.output_scale.double().view(-1, 1) * merged
