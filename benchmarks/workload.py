@@ -24,8 +24,9 @@ def prompts(runtime: Runtime, n: int, length: int = 32) -> list[list[int]]:
     return [(runtime.tokenizer.encode(text.format(TOPICS[i % len(TOPICS)])) * 4)[:length] for i in range(n)]
 
 
-def lora_files(runtime: Runtime, rank: int, targets: list[str], seed: int, scale: float = 0.02) -> tuple[bytes, bytes]:
-    """A PEFT-format LoRA adapter (config + safetensors bytes) with random trained-looking factors."""
+def lora_files(runtime: Runtime, rank: int, targets: list[str], seed: int, scale: float = 0.02,
+               dora: bool = False) -> tuple[bytes, bytes]:
+    """A PEFT-format LoRA (or DoRA) adapter (config + safetensors bytes) with random trained-looking factors."""
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for linear in runtime.model.adapted_linears():
@@ -34,8 +35,12 @@ def lora_files(runtime: Runtime, rank: int, targets: list[str], seed: int, scale
                 key = f"base_model.model.{s.path}"
                 tensors[f"{key}.lora_A.weight"] = torch.randn(rank, linear.in_features, generator=g) * scale
                 tensors[f"{key}.lora_B.weight"] = torch.randn(s.out_features, rank, generator=g) * scale
+                if dora:  # magnitudes near the row norms of W0, as after a little training
+                    w0 = linear.weight[s.out_start:s.out_start + s.out_features].float()
+                    noise = 1 + 0.05 * torch.randn(s.out_features, generator=g)
+                    tensors[f"{key}.lora_magnitude_vector"] = w0.norm(dim=1) * noise
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": targets,
-              "bias": "none", "task_type": "CAUSAL_LM"}
+              "bias": "none", "task_type": "CAUSAL_LM", "use_dora": dora}
     return json.dumps(config).encode(), save(tensors, metadata={"format": "pt"})
 
 
@@ -89,7 +94,7 @@ class RunResult:
 
 
 def run_engine(runtime: Runtime, batch: list[list[int]], new_tokens: int,
-               adapter_ids: list[str | None] | None = None) -> RunResult:
+               adapter_ids: list[str | None] | None = None, mode: str = "gathered") -> RunResult:
     """Submit the whole batch at once, step the engine by hand until done."""
     engine = runtime.engine
     first: dict[str, float] = {}
@@ -108,7 +113,7 @@ def run_engine(runtime: Runtime, batch: list[list[int]], new_tokens: int,
         adapter_id = adapter_ids[i] if adapter_ids else None
         version = None if adapter_id is None else runtime.adapters.retain(adapter_id)
         engine.admit(Request(f"b{i}", ids, SamplingParams(max_tokens=new_tokens, ignore_eos=True),
-                             emit=sink_for(f"b{i}"), adapter_version=version, arrival_time=start))
+                             emit=sink_for(f"b{i}"), adapter_version=version, arrival_time=start, mode=mode))
     decode_steps = []
     while engine.scheduler.has_work():
         pure_decode = not engine.scheduler.waiting and all(not s.in_prefill for s in engine.scheduler.running)

@@ -4,12 +4,15 @@ A phase is either *gathered* (every request runs, adapters applied per token) or
 (adapter version V is written into the weights; only V's requests run, at base-model speed; all
 others stay queued or paused with their KV intact). Policy, per step:
 
-- gathered -> merged(V) when one adapter owns all the work (mode "auto"), or a request asked for
-  "merged" and nobody else is owed service;
-- merged(V) -> gathered when V has no work left but others do, when a "gathered" request of
-  another adapter arrives, or when any other request has been held back longer than `max_wait` —
-  those requests are then *owed*: the engine stays gathered until they finish, so a flood of V
-  cannot starve them and phases do not ping-pong.
+- gathered -> merged(V) when a request asked for "merged" and nobody else is owed service, or
+  (mode "auto") when one adapter owns all the work and enough of it is left to pay for a merge
+  (`min_merge_steps` decode steps: a merge + restore costs about that many steps of gathered
+  overhead);
+- merged(V) -> gathered when V has no work left but others do; at once when work of another
+  adapter arrives and none of V's requests asked for "merged" (auto never holds anyone back); when
+  a "gathered" request of another adapter arrives; or when any other request has been held back
+  longer than `max_wait` — those requests are then *owed*: the engine stays gathered until they
+  finish, so a flood of V cannot starve them and phases do not ping-pong.
 """
 
 from __future__ import annotations
@@ -38,11 +41,14 @@ class Work(Protocol):
     def version(self) -> str | None: ...
     @property
     def mode(self) -> str: ...       # "auto" | "gathered" | "merged"
+    @property
+    def remaining_tokens(self) -> int: ...
 
 
 class PhasePolicy:
-    def __init__(self, max_wait_s: float) -> None:
+    def __init__(self, max_wait_s: float, min_merge_steps: int = 48) -> None:
         self.max_wait_s = max_wait_s
+        self.min_merge_steps = min_merge_steps
         self._held_since: dict[str, float] = {}   # request -> when the current phase started holding it
         self._owed: set[str] = set()
         self.unmergeable: set[str] = set()         # versions whose merge failed: always gathered
@@ -69,8 +75,11 @@ class PhasePolicy:
             return GATHERED
         if work and not any(w.version == current.merged for w in work):
             return GATHERED
-        if any(w.mode == "gathered" and not current.admits(w.version) for w in work):
+        held = [w for w in work if not current.admits(w.version)]
+        if any(w.mode == "gathered" for w in held):
             return GATHERED   # "gathered" requests are never held back by a merge
+        if held and not any(w.mode == "merged" for w in work if w.version == current.merged):
+            return GATHERED   # an auto merge yields as soon as anyone else wants to run
         return current
 
     def _from_gathered(self, work: list[Work]) -> Phase:
@@ -79,7 +88,8 @@ class PhasePolicy:
         versions = {w.version for w in work}
         if len(versions) == 1:
             (version,) = versions
-            if version is not None and version not in self.unmergeable and all(w.mode != "gathered" for w in work):
+            if (version is not None and version not in self.unmergeable and all(w.mode != "gathered" for w in work)
+                    and max(w.remaining_tokens for w in work) >= self.min_merge_steps):
                 return Phase(version)
         wanted = [w.version for w in work if w.mode == "merged" and w.version is not None
                   and w.version not in self.unmergeable]

@@ -42,6 +42,10 @@ class Sequence:
         return self.request.mode
 
     @property
+    def remaining_tokens(self) -> int:
+        return self.request.params.max_tokens - self.num_generated
+
+    @property
     def num_prompt(self) -> int:
         return len(self.request.prompt_ids)
 
