@@ -2,7 +2,8 @@
 
 One process, float32, SmolLM2:
   1. TTFT and time per output token (TPOT) at 1 and 4 concurrent requests of one LoRA r16 adapter
-     (q,k,v,o), for the base model, gathered, merged and auto modes (32-token prompts, 48 tokens).
+     (q,k,v,o), for the base model, gathered, merged and auto modes (32-token prompts, 48 tokens;
+     median of 3 round-robin runs; the merge itself is in TTFT).
   2. Merge and restore time per kind (LoRA r16 all targets, DoRA r16, VeRA r256, RandLoRA r32).
   3. A trace: Poisson arrivals, adapter popularity Zipf(1.0) over 16 LoRA adapters (as in
      Punica / S-LoRA), 32 new tokens each, replayed in real time against the engine thread under
@@ -37,15 +38,23 @@ QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL = QKVO + ["gate_proj", "up_proj", "down_proj"]
 
 
-def per_token_latency(runtime: Runtime, tokens: int) -> list[list]:
+def per_token_latency(runtime: Runtime, tokens: int, repeats: int) -> list[list]:
+    """Median over `repeats` round-robin runs per mode (this machine drifts ~10% run to run)."""
     rows = []
+    cases = (("base", None, "gathered"), ("gathered", "lat", "gathered"), ("merged", "lat", "merged"),
+             ("auto", "lat", "auto"))
     for n in (1, 4):
         batch = prompts(runtime, n)
-        for label, adapter, mode in (("base", None, "gathered"), ("gathered", "lat", "gathered"),
-                                     ("merged", "lat", "merged"), ("auto", "lat", "auto")):
-            runtime.engine.restore_base()
-            r = run_engine(runtime, batch, tokens, [adapter] * n, mode)
-            rows.append([n, label, r.tpot * 1e3, r.ttft * 1e3, r.tok_s])
+        runs: dict[str, list] = {label: [] for label, _, _ in cases}
+        for _ in range(repeats):
+            for label, adapter, mode in cases:
+                runtime.engine.restore_base()
+                runs[label].append(run_engine(runtime, batch, tokens, [adapter] * n, mode))
+        for label, _, _ in cases:
+            tpot = statistics.median(r.tpot for r in runs[label])
+            ttft = statistics.median(r.ttft for r in runs[label])
+            tok_s = statistics.median(r.tok_s for r in runs[label])
+            rows.append([n, label, tpot * 1e3, ttft * 1e3, tok_s])
         base_tpot = rows[-4][2]
         for row in rows[-4:]:
             row.insert(3, row[2] / base_tpot)
@@ -124,6 +133,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--rate", type=float, default=1.5, help="Poisson arrivals per second")
     parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", type=Path, default=DEMO_MODEL_DIR)
     args = parser.parse_args()
     report_idle()
@@ -135,7 +145,7 @@ def main() -> None:
     runtime.adapters.upload("lat", *lora_files(runtime, 16, QKVO, seed=7))
     run_engine(runtime, prompts(runtime, 2), 4)  # warm-up
     print_table(["concurrent", "mode", "TPOT ms", "TPOT vs base", "TTFT ms", "tok/s"],
-                per_token_latency(runtime, args.tokens))
+                per_token_latency(runtime, args.tokens, args.repeats))
     print_table(["kind", "merge ms", "restore ms"], merge_costs(runtime))
     for i in range(16):
         runtime.adapters.upload(f"zipf-{i}", *lora_files(runtime, 16, QKVO, seed=500 + i))
