@@ -27,6 +27,9 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/adapters.py
+	$(PY) benchmarks/latency.py
+	$(PY) benchmarks/kernels.py
 
 clean:
 	rm -rf $(VENV)
