@@ -19,7 +19,6 @@ import random
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import print_table, report_idle  # noqa: E402
-from benchmarks.workload import lora_files, prompts, randlora_files, run_engine, vera_files  # noqa: E402
+from benchmarks.workload import TokenClock, lora_files, prompts, randlora_files, run_engine, vera_files  # noqa: E402
 from server.config import AdapterConfig, EngineConfig, ServerConfig  # noqa: E402
 from server.demo_model import DEMO_MODEL_DIR  # noqa: E402
 from server.engine.request import Request, SamplingParams  # noqa: E402
@@ -93,19 +92,8 @@ def replay(runtime: Runtime, trace: list[tuple[float, int]], mode: str, tokens: 
     engine = runtime.engine
     batch = prompts(runtime, len(trace))
     arrival: dict[str, float] = {}
-    first: dict[str, float] = {}
-    done: dict[str, float] = {}
-    all_done = threading.Event()
-
-    def sink_for(rid: str):
-        def emit(event) -> None:
-            now = time.perf_counter()
-            first.setdefault(rid, now)
-            if event.finish_reason is not None:
-                done[rid] = now
-                if len(done) == len(trace):
-                    all_done.set()
-        return emit
+    clock = TokenClock(len(trace))
+    first, done = clock.first, clock.done
 
     engine.restore_base()
     engine.start()
@@ -117,8 +105,8 @@ def replay(runtime: Runtime, trace: list[tuple[float, int]], mode: str, tokens: 
             arrival[rid] = time.perf_counter()
             version = runtime.adapters.retain(f"zipf-{adapter}")
             engine.submit(Request(rid, batch[i], SamplingParams(max_tokens=tokens, ignore_eos=True),
-                                  emit=sink_for(rid), adapter_version=version, arrival_time=arrival[rid], mode=mode))
-        all_done.wait(timeout=900)
+                                  emit=clock.sink(rid), adapter_version=version, arrival_time=arrival[rid], mode=mode))
+        clock.all_done.wait(timeout=900)
     finally:
         engine.stop()
     latencies = sorted(done[r] - arrival[r] for r in done)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,26 @@ def write_adapter_dir(path: Path, config_bytes: bytes, weights: bytes) -> Path:
     return path
 
 
+class TokenClock:
+    """Event sink factory that timestamps each request's first token and its end."""
+
+    def __init__(self, expected: int) -> None:
+        self.first: dict[str, float] = {}
+        self.done: dict[str, float] = {}
+        self.expected = expected
+        self.all_done = threading.Event()
+
+    def sink(self, rid: str):
+        def emit(event) -> None:
+            now = time.perf_counter()
+            self.first.setdefault(rid, now)
+            if event.finish_reason is not None:
+                self.done[rid] = now
+                if len(self.done) == self.expected:
+                    self.all_done.set()
+        return emit
+
+
 @dataclass(slots=True)
 class RunResult:
     tok_s: float
@@ -97,23 +118,14 @@ def run_engine(runtime: Runtime, batch: list[list[int]], new_tokens: int,
                adapter_ids: list[str | None] | None = None, mode: str = "gathered") -> RunResult:
     """Submit the whole batch at once, step the engine by hand until done."""
     engine = runtime.engine
-    first: dict[str, float] = {}
-    done: dict[str, float] = {}
+    clock = TokenClock(len(batch))
+    first, done = clock.first, clock.done
     start = time.perf_counter()
-
-    def sink_for(rid: str):
-        def emit(event) -> None:
-            now = time.perf_counter()
-            first.setdefault(rid, now)
-            if event.finish_reason is not None:
-                done[rid] = now
-        return emit
-
     for i, ids in enumerate(batch):
         adapter_id = adapter_ids[i] if adapter_ids else None
         version = None if adapter_id is None else runtime.adapters.retain(adapter_id)
         engine.admit(Request(f"b{i}", ids, SamplingParams(max_tokens=new_tokens, ignore_eos=True),
-                             emit=sink_for(f"b{i}"), adapter_version=version, arrival_time=start, mode=mode))
+                             emit=clock.sink(f"b{i}"), adapter_version=version, arrival_time=start, mode=mode))
     decode_steps = []
     while engine.scheduler.has_work():
         pure_decode = not engine.scheduler.waiting and all(not s.in_prefill for s in engine.scheduler.running)

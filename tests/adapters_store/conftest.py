@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.peft_helpers import perturb
 from adapters_store import BaseModelSpec, TargetLayer
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -57,19 +58,6 @@ def proj_names() -> tuple[str, ...]:
     return PROJ
 
 
-def _perturb(peft_model, seed: int, noise_scale: float = 0.1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if not p.requires_grad:
-                continue
-            noise = torch.randn(p.shape, generator=g)
-            if "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.2 * noise)  # keep magnitudes near the row norms, but not equal
-            else:
-                p.copy_(noise_scale * noise)  # 0.1 keeps |ΔW| ~ 0.1-1 so float32 rounding stays << 1e-6
-
-
 def _adalora_rank_pattern(peft_model, init_r: int, seed: int) -> dict[str, list[bool]]:
     """Uneven masks: one layer pruned to rank 0, one kept full, the rest random."""
     g = torch.Generator().manual_seed(seed)
@@ -95,7 +83,7 @@ def build_adapter(base_model, config, tmp_dir: Path, seed: int, adalora_init_r: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(copy.deepcopy(base_model), config)
-        _perturb(peft_model, seed, noise_scale)
+        perturb(peft_model, seed, noise_scale)  # 0.1 keeps |ΔW| ~ 0.1-1: float32 rounding << 1e-6
         if adalora_init_r is not None:
             peft_model.peft_config["default"].rank_pattern = _adalora_rank_pattern(peft_model, adalora_init_r, seed)
         peft_model.save_pretrained(tmp_dir)
