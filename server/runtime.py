@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
 import torch
 
 from adapters_store import AdapterRegistry, AdapterStore
+from kernels.backend import BACKENDS, select_backend
 from server.adapters.host_cache import HostCache
 from server.adapters.manager import AdapterManager
 from server.adapters.packing import base_model_spec
@@ -44,6 +46,18 @@ class Runtime:
     dtype: torch.dtype
 
 
+BACKEND_ENV = "ADAPTER_SERVER_KERNEL_BACKEND"
+
+
+def resolve_kernel_backend() -> str:
+    """The adapter-kernel backend for this process, decided once here: $ADAPTER_SERVER_KERNEL_BACKEND
+    (torch|triton, for tests and benchmarks) else `select_backend()` (triton on CUDA, torch otherwise)."""
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced and forced not in BACKENDS:
+        raise ModelLoadError(f"{BACKEND_ENV}={forced!r}: expected one of {BACKENDS}")
+    return forced or select_backend()
+
+
 def build_runtime(config: ServerConfig) -> Runtime:
     torch.set_num_threads(config.threads or available_cores())
     dtype = config.torch_dtype()
@@ -71,10 +85,11 @@ def build_runtime(config: ServerConfig) -> Runtime:
     table = SlotTable(adapter_cfg.max_slots)
     scheduler = Scheduler(SlotAllocator(num_slots), config.engine.max_batched_tokens, table)
     eos = frozenset(model_config.eos_token_ids)
-    runner = ModelRunner(model, kv_cache, AdapterManager(table, cache, linears, dtype))
+    kernel_backend = resolve_kernel_backend()
+    runner = ModelRunner(model, kv_cache, AdapterManager(table, cache, linears, dtype, backend=kernel_backend))
     policy = PhasePolicy(max_wait_s=adapter_cfg.max_merge_wait_ms / 1000)
     engine = Engine(runner, scheduler, tokenizer, metrics, max_len, eos, policy)
-    log.info("loaded %s (%s) in %.1fs: %d KV slots x %d tokens, %d threads, %d adapters in %s", config.model,
-             dtype, time.perf_counter() - started, num_slots, max_len, torch.get_num_threads(), recovered,
-             config.adapters_dir)
+    log.info("loaded %s (%s) in %.1fs: %d KV slots x %d tokens, %d threads, %d adapters in %s, "
+             "kernel backend %s", config.model, dtype, time.perf_counter() - started, num_slots, max_len,
+             torch.get_num_threads(), recovered, config.adapters_dir, kernel_backend)
     return Runtime(config, model, tokenizer, engine, metrics, service, max_len, num_slots, dtype)

@@ -3,6 +3,10 @@ families, and the per-step plan every AdaptedLinear applies.
 
 Runs on the engine thread only. The scheduler pins versions into slots as it admits sequences;
 before each forward, `load_pending` packs the newly assigned versions into their slots.
+
+`backend` ("torch" | "triton") is decided once at startup by the caller. With "triton", LoRA-family
+adapters are also written into per-layer slot buffers (the layout the kernels read) and `plan` returns
+a `TritonAdapterBatch`; kernels.batch_triton is imported only then, so the torch path never loads triton.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ from __future__ import annotations
 import torch
 
 from kernels.batch import AdapterBatch, FamilyRows, TokenGroup
+from kernels.backend import BACKENDS
 from kernels.lora import LinearFactors, RandLoraSlice, VeraSlice
+from kernels.slot_store import LoraSlotStore
 from server.adapters.families import FamilyCache
 from server.adapters.host_cache import HostCache
 from server.adapters.merge import WeightMerger
@@ -23,7 +29,9 @@ VeraVectors = dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]
 
 class AdapterManager:
     def __init__(self, table: SlotTable, cache: HostCache, linears: list[AdaptedLinear],
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype, device: torch.device | str = "cpu", backend: str = "torch") -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown kernel backend {backend!r}, expected one of {BACKENDS}")
         self.table = table
         self.cache = cache
         self.linears = linears
@@ -38,6 +46,12 @@ class AdapterManager:
         self._vera: dict[str, dict[str, VeraVectors]] = {}
         self._randlora: dict[str, dict[str, set[tuple[int, int]]]] = {}
         self.loads = 0
+        self.backend = backend
+        self.lora_slots: LoraSlotStore | None = None
+        if backend == "triton":
+            from kernels.batch_triton import TritonAdapterBatch
+            self._triton_batch = TritonAdapterBatch
+            self.lora_slots = LoraSlotStore(linears, num, dtype, device)
 
     # ---- loading ---------------------------------------------------------------------------
     def load_pending(self) -> None:
@@ -51,6 +65,8 @@ class AdapterManager:
                 key = parsed.family.key()
                 self.slot_family[slot] = (parsed.family.kind, key)
                 self._register_family_slices(key, slot, factors)
+            elif self.lora_slots is not None:
+                self.lora_slots.write(slot, factors)
             self.loads += 1
 
     def _unload(self, slot: int) -> None:
@@ -66,6 +82,8 @@ class AdapterManager:
                 self._randlora.pop(previous[1], None)
         self.slot_factors[slot] = None
         self.slot_family[slot] = None
+        if self.lora_slots is not None:
+            self.lora_slots.clear(slot)
 
     def _register_family_slices(self, key: str, slot: int, factors: dict[str, LinearFactors]) -> None:
         num = self.table.num_slots
@@ -127,6 +145,8 @@ class AdapterManager:
             if self.slot_family[g.slot] is not None:
                 by_family.setdefault(self.slot_family[g.slot], []).append(g)
         families = [_family_rows(kind, key, members) for (kind, key), members in by_family.items()]
+        if self.lora_slots is not None:
+            return self._triton_batch(lora_groups, families, self.slot_factors, self, self.lora_slots)
         return AdapterBatch(lora_groups, families, self.slot_factors, self)
 
     def finished(self, version: str | None) -> None:

@@ -25,6 +25,7 @@ async def health(request: Request) -> Response:
         "kv_slots_used": scheduler.slots.num_used,
         "running": len(scheduler.running),
         "waiting": len(scheduler.waiting),
+        "kernel_backend": engine.runner.adapters.backend,
     }
     return JSONResponse(body, status_code=200 if engine.alive else 503)
 

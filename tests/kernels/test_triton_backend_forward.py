@@ -1,0 +1,138 @@
+"""The Triton backend, wired through AdapterManager, equals the torch backend on a whole forward pass.
+
+A tiny random Llama (with biases, so DoRA's base-bias term and lora_bias are exercised) runs one prefill
+whose rows use LoRA (+bias), DoRA, rsLoRA of rank 80 (> the slot buffers' initial 64: they grow, copying
+the slots loaded before), VeRA, RandLoRA and the base model, interleaved. The triton side runs under
+Triton's interpreter, which must be on before triton is first imported in a process; this pytest process
+may already hold a compiled triton, so the comparison runs in a fresh subprocess (`python -m` this module)
+with TRITON_INTERPRET=1 and ADAPTER_SERVER_KERNEL_BACKEND=triton. Nothing here imports triton itself.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from kernels.slot_store import LoraSlotStore
+from tests.kernels.helpers import adapter
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_triton_backend_forward_equals_torch_backend(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "ADAPTER_SERVER_KERNEL_BACKEND": "triton"}
+    done = subprocess.run([sys.executable, "-m", "tests.kernels.test_triton_backend_forward", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "EQUAL" in done.stdout, done.stdout[-2000:]
+
+
+def test_slot_store_grows_and_keeps_loaded_slots():
+    """A rank above the initial 64 (or a first DoRA/bias adapter) reallocates without losing other slots."""
+    class Layer:
+        key, in_features = "l", 16
+        slices = [type("S", (), {"out_start": 0, "out_features": 8})(),
+                  type("S", (), {"out_start": 8, "out_features": 4})()]
+
+    gen = torch.Generator().manual_seed(0)
+    store = LoraSlotStore([Layer()], num_slots=3, dtype=torch.float32, device="cpu")
+    small = adapter([(0, 8), (8, 4)], 16, 8, gen)
+    store.write(0, {"l": small})
+    first = store.get("l")
+    assert first.max_rank == 64 and first.g_buf is None
+    big = adapter([(0, 8)], 16, 80, gen, dora=True)
+    store.write(2, {"l": big})
+    grown = store.get("l")
+    assert grown.max_rank == 128 and grown.g_buf is not None
+    assert torch.equal(grown.A_buf[0, 0, :8], small.slices[0].A) and grown.slot_ranks[:, 0].tolist() == [8, 8]
+    assert grown.slot_ranks[:, 2].tolist() == [80, 0] and torch.equal(grown.g_buf[0], torch.ones(12))
+    store.write(0, {})
+    assert grown.slot_ranks[:, 0].tolist() == [0, 0] and not grown.A_buf[:, 0].any()
+    store.clear(2)
+    assert not grown.slot_ranks.any() and torch.equal(grown.g_buf, torch.ones_like(grown.g_buf))
+
+
+# ------------------------------------------------------------------------------ the subprocess side
+def _forward(model, ids: torch.Tensor, parsed: dict, groups: list, backend: str):
+    """Prefill logits with `groups` [(adapter name | None, start, end)], and the manager that planned them."""
+    from kernels.batch import TokenGroup
+    from server.adapters.host_cache import HostCache
+    from server.adapters.manager import AdapterManager
+    from server.adapters.slot_table import SlotTable
+    from server.model.context import ForwardContext, PrefillSegment
+
+    cache = HostCache(max_bytes=2**40)
+    table = SlotTable(len(parsed))
+    for name, adapter_ in parsed.items():   # slot i = i-th adapter, loaded in this order
+        cache.put(name, adapter_)
+        table.acquire(name)
+    manager = AdapterManager(table, cache, model.adapted_linears(), torch.float32, backend=backend)
+    manager.load_pending()
+    slot = {name: table.slot_of(name) for name in parsed}
+    plan = manager.plan([TokenGroup(slot[name], start, end) for name, start, end in groups if name is not None])
+    cfg, n = model.config, len(ids)
+    keys = [torch.zeros(1, cfg.num_kv_heads, n, cfg.head_dim) for _ in range(cfg.num_layers)]
+    values = [torch.zeros_like(k) for k in keys]
+    ctx = ForwardContext(input_ids=ids, positions=torch.arange(n), kv_slots=torch.zeros(n, dtype=torch.long),
+                         num_decode=0, decode_slots=slice(0, 0), decode_mask=None, decode_attn_order=None,
+                         prefills=[PrefillSegment(0, n, 0, 0)], logits_rows=torch.arange(n), adapters=plan)
+    with torch.no_grad():
+        return model(ctx, keys, values), manager
+
+
+def main(workdir: Path) -> None:
+    from peft import LoraConfig, RandLoraConfig, VeraConfig
+    from transformers import LlamaForCausalLM
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from adapters_store import parse_adapter
+    from server.adapters.packing import base_model_spec
+    from server.model.loader import load_model
+    from server.runtime import resolve_kernel_backend
+    from tests.conftest import build_tiny_llama
+    from tests.peft_helpers import ALL_TARGETS, save_peft_adapter
+
+    assert resolve_kernel_backend() == "triton"
+    model_dir = build_tiny_llama(workdir / "base", seed=11, attention_bias=True, mlp_bias=True)
+    hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    configs = {   # load order: the r=80 adapter comes after smaller ones, so the buffers grow mid-way
+        "lora-bias": LoraConfig(r=4, lora_alpha=8, lora_bias=True, target_modules=ALL_TARGETS),
+        "dora": LoraConfig(r=6, lora_alpha=12, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "vera": VeraConfig(r=7, target_modules=ALL_TARGETS, projection_prng_key=123),
+        "randlora": RandLoraConfig(r=5, target_modules=["q_proj", "o_proj", "up_proj"], projection_prng_key=9),
+        "rslora-r80": LoraConfig(r=80, lora_alpha=16, use_rslora=True, target_modules=["k_proj", "gate_proj"]),
+    }
+    model = load_model(model_dir, torch.float32, 64)
+    spec = base_model_spec(model.adapted_linears(), 128, 2**30)
+    parsed = {}
+    for i, (name, config) in enumerate(configs.items()):
+        config_bytes, weights = save_peft_adapter(hf, config, workdir / name, seed=20 + i, scale=0.2)
+        parsed[name] = parse_adapter(config_bytes, weights, spec)
+    groups = [("lora-bias", 0, 3), (None, 3, 5), ("vera", 5, 9), ("dora", 9, 14), ("rslora-r80", 14, 17),
+              ("randlora", 17, 22), (None, 22, 24), ("lora-bias", 24, 30), ("vera", 30, 33), ("dora", 33, 34)]
+    ids = torch.randint(0, 300, (34,), generator=torch.Generator().manual_seed(3))
+
+    import kernels.triton_ops as ops
+    base, _ = _forward(model, ids, {}, [], "torch")
+    ref, _ = _forward(model, ids, parsed, groups, "torch")
+    got, manager = _forward(model, ids, parsed, groups, "triton")
+    assert isinstance(ops._lora_shrink_seg_kernel, InterpretedFunction) and ops.INTERPRETED
+    assert manager.lora_slots is not None and max(b.max_rank for b in manager.lora_slots.buffers.values()) == 128
+    assert (ref - base).abs().max().item() > 1e-2
+    for k, (name, start, end) in enumerate(groups):   # each group's own delta matters (not just via attention)
+        if name is not None:
+            without, _ = _forward(model, ids, parsed, groups[:k] + groups[k + 1:], "torch")
+            changed = (ref[start:end] - without[start:end]).abs().max().item()
+            assert changed > 1e-3, f"{name}: rows {start}:{end} changed by {changed}"
+    err = (got - ref).abs().max().item()
+    print(f"max |triton - torch| = {err:.3g}")
+    assert err < 1e-4, err
+    print("EQUAL")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
