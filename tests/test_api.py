@@ -110,6 +110,7 @@ async def test_health_and_metrics(client):
     await client.post("/generate", json={"prompt": "Hello", "max_tokens": 3, "ignore_eos": True})
     health = (await client.get("/health")).json()
     assert health["status"] == "ok" and health["dtype"] == "float32"
+    assert health["kernel_backend"] == "torch"  # no CUDA here: chosen once at startup
     text = (await client.get("/metrics")).text
     for name in ("requests_total", "prompt_tokens_total", "generation_tokens_total",
                  "time_to_first_token_seconds_bucket", "time_per_output_token_seconds_bucket",
