@@ -69,17 +69,21 @@ class AdapterBatch:
         self.family_layers = family_layers
 
     def apply(self, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        for group in self.groups:
-            factors = self.slot_factors[group.slot].get(layer.key)
-            if factors is not None:
-                rows = slice(group.start, group.end)
-                lora_rows_ref(x[rows], y[rows], layer.bias, factors)
+        self._lora(layer, x, y)
         for family in self.families:
             if family.kind == "vera":
                 self._vera(family, layer, x, y)
             else:
                 self._randlora(family, layer, x, y)
         return y
+
+    def _lora(self, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
+        """LoRA-family adapters, one row range at a time (the backend-specific part)."""
+        for group in self.groups:
+            factors = self.slot_factors[group.slot].get(layer.key)
+            if factors is not None:
+                rows = slice(group.start, group.end)
+                lora_rows_ref(x[rows], y[rows], layer.bias, factors)
 
     def _vera(self, family: FamilyRows, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
         vectors = self.family_layers.vera_vectors(family.key, layer.key)

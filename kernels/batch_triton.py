@@ -31,17 +31,11 @@ class TritonAdapterBatch(AdapterBatch):
                                         device=slots.device)
         self._family_slots: dict[tuple[str, int], torch.Tensor] = {}
 
-    def apply(self, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _lora(self, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
         bufs = self.slots.get(layer.key) if self.meta is not None else None
         if bufs is not None:
             h = alloc_shrink_buffer(bufs, self.meta.max_tokens)
             lora_apply(x, y, bufs, self.meta, h, "segments", base_bias=layer.bias)
-        for family in self.families:
-            if family.kind == "vera":
-                self._vera(family, layer, x, y)
-            else:
-                self._randlora(family, layer, x, y)
-        return y
 
     def _vera(self, family: FamilyRows, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
         token_slots = self._token_slots(family, x.shape[0], x.device)

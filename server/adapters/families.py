@@ -63,5 +63,8 @@ class FamilyCache:
             if not bases.slots:
                 del self._families[key]
 
+    def get(self, key: str) -> FamilyBases | None:
+        return self._families.get(key)
+
     def __len__(self) -> int:
         return len(self._families)

@@ -77,7 +77,7 @@ class AdapterManager:
                     lambda_d[slot].zero_()
                     lambda_b[slot].zero_()
             self.families.detach(slot)
-            if previous[1] not in self.families._families:
+            if self.families.get(previous[1]) is None:
                 self._vera.pop(previous[1], None)
                 self._randlora.pop(previous[1], None)
         self.slot_factors[slot] = None
@@ -108,7 +108,7 @@ class AdapterManager:
         return self._randlora.get(family, {}).get(layer_key, set())
 
     def bases(self, family: str, out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.families._families[family].layer(out_f, in_f)
+        return self.families.get(family).layer(out_f, in_f)
 
     # ---- per step ----------------------------------------------------------------------------
     # ---- merged phases ------------------------------------------------------------------------
