@@ -3,7 +3,7 @@
   naive     — per distinct adapter: boolean-mask gather of its tokens (batch order, not grouped),
               (x Aᵀ) Bᵀ · s per projection, index_add back. What one writes without a step plan.
   torch-ref — the server's CPU path: tokens grouped by slot, `kernels.lora.lora_rows_ref` per group.
-  triton    — `kernels.triton_ops.lora_apply` on slot buffers: token form at decode, segment form at
+  triton    — `kernels.lora_triton.lora_apply` on slot buffers: token form at decode, segment form at
               prefill (metadata built once per step, outside the timing, like the runner does).
 Decode: batch 1–256 tokens; prefill: 512–8192 tokens in 4 requests' segments; 1–64 distinct adapters,
 ranks 8–64 (the "8-64" row mixes them); hidden 4096 with q/k/v = 4096/1024/1024 columns, bf16.
@@ -94,14 +94,14 @@ def run_case(phase: str, tokens: int, n_adapters: int, ranks: list[int], hidden:
     row = [phase, tokens, n_adapters, "-".join(map(str, sorted(set(ranks)))), t_naive, t_ref]
     if not CUDA:
         return row + ["n/a", t_naive / t_ref, "n/a"]
-    from kernels import triton_ops
+    from kernels import lora_triton
     bufs = alloc_slot_buffers(hidden, out_slices, n_adapters, max(ranks), dtype, device)
     for slot, factors in enumerate(adapters):
         write_slot(bufs, slot, factors)
     meta = build_step_meta(groups, tokens, device=device)
-    h = triton_ops.alloc_shrink_buffer(bufs, tokens)
+    h = lora_triton.alloc_shrink_buffer(bufs, tokens)
     form = "tokens" if phase == "decode" else "segments"
-    t_triton = timed(lambda: triton_ops.lora_apply(x, y, bufs, meta, h, form))
+    t_triton = timed(lambda: lora_triton.lora_apply(x, y, bufs, meta, h, form))
     return row + [t_triton, t_naive / t_ref, t_ref / t_triton]
 
 

@@ -12,9 +12,9 @@ import torch
 BACKENDS = ("triton", "torch")
 
 
-def select_backend() -> str:
-    """"triton" when CUDA is available and triton is importable, else "torch" (the CPU path)."""
-    if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+def select_backend(device: torch.device) -> str:
+    """"triton" when the model runs on a CUDA device and triton is importable, else "torch" (the CPU path)."""
+    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
         return "torch"
     try:
         import triton  # noqa: F401
@@ -23,13 +23,13 @@ def select_backend() -> str:
     return "triton"
 
 
-def describe_backend(backend: str) -> dict[str, str]:
-    """For logs and /health: the active backend and what it runs on."""
+def describe_backend(backend: str, device: torch.device) -> dict[str, str]:
+    """For logs and /health: the active backend, what it runs on, and why."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
     if backend == "triton":
         import triton
-        return {"backend": "triton", "triton": triton.__version__, "device": torch.cuda.get_device_name()}
-    why = "no CUDA device" if not torch.cuda.is_available() else "triton not importable"
-    return {"backend": "torch", "torch": torch.__version__, "device": "cpu" if why == "no CUDA device" else "cuda",
-            "reason": why}
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
+        return {"backend": "triton", "triton": triton.__version__, "device": name}
+    why = "the model runs on the CPU" if device.type != "cuda" else "triton not importable"
+    return {"backend": "torch", "torch": torch.__version__, "device": str(device), "reason": why}

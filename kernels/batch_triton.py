@@ -1,55 +1,63 @@
-"""The Triton-backend AdapterBatch: LoRA-family tokens and VeRA families through the Triton ops.
+"""The Triton-backend AdapterBatch: every adapter kind of a step through the Triton ops.
 
-Imports triton (via kernels.triton_ops), so only the "triton" backend imports this module. Same plan as
-`AdapterBatch` (same groups and families, built by AdapterManager.plan), plus one `StepMeta` per step
-shared by every layer and the per-layer slot buffers. LoRA/DoRA/rsLoRA/AdaLoRA run as one segment-form
-shrink+expand per layer (all adapters of the step in one launch pair); VeRA runs the fused gather-scale
-ops per family and projection; RandLoRA keeps the torch reference (no kernel for it yet).
+Imports triton (via the kernel modules), so only the "triton" backend imports this module. Same plan as
+`AdapterBatch` (same groups and families, built by AdapterManager.plan); what differs is where the
+work goes:
+  LoRA / rsLoRA / AdaLoRA / DoRA: one shrink + expand launch pair per layer for all of the step's
+    adapters, q/k/v (gate/up) as slices of the same launch; the token form for decode-only steps, the
+    segment form when a prefill chunk is in the step;
+  VeRA: the fused gather-scale products, once per family and projection;
+  RandLoRA: the factored λ/Γ-gathering kernels, once per family and projection.
+The step's metadata and scratch live in the manager's `StepBuffers` (allocated once, filled per step).
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 
 from kernels.batch import AdapterBatch, FamilyLayers, FamilyRows, LinearLike, TokenGroup
 from kernels.lora import LinearFactors
-from kernels.segments import StepMeta, build_step_meta
+from kernels.lora_triton import lora_apply
+from kernels.segments import StepBuffers
+from kernels.shared_bases import RandLoraStack
+from kernels.shared_bases_triton import randlora_apply, vera_apply
 from kernels.slot_store import LoraSlotStore
-from kernels.triton_ops import alloc_shrink_buffer, lora_apply, vera_apply
+
+
+class TritonFamilyLayers(FamilyLayers, Protocol):
+    def randlora_stacks(self, family: str, layer_key: str) -> dict[tuple[int, int], RandLoraStack]: ...
 
 
 class TritonAdapterBatch(AdapterBatch):
     def __init__(self, groups: list[TokenGroup], families: list[FamilyRows],
-                 slot_factors: list[dict[str, LinearFactors] | None], family_layers: FamilyLayers,
-                 slots: LoraSlotStore) -> None:
+                 slot_factors: list[dict[str, LinearFactors] | None], family_layers: TritonFamilyLayers,
+                 slots: LoraSlotStore, buffers: StepBuffers, num_tokens: int, decode_only: bool) -> None:
         super().__init__(groups, families, slot_factors, family_layers)
         self.slots = slots
-        self.meta: StepMeta | None = None
-        if groups:   # once per step: every layer reads the same metadata
-            num_tokens = max(g.end for g in groups)
-            self.meta = build_step_meta([(g.slot, g.start, g.end) for g in groups], num_tokens,
-                                        device=slots.device)
-        self._family_slots: dict[tuple[str, int], torch.Tensor] = {}
+        self.buffers = buffers
+        self.form = "tokens" if decode_only else "segments"
+        # Once per step, shared by every layer: the LoRA grouping and each family's token→slot row.
+        self.meta = buffers.fill_meta([(g.slot, g.start, g.end) for g in groups], num_tokens) if groups else None
+        self.token_slots = {f.key: buffers.fill_family(i, f.rows, f.token_slots, num_tokens)
+                            for i, f in enumerate(families)}
 
     def _lora(self, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
         bufs = self.slots.get(layer.key) if self.meta is not None else None
         if bufs is not None:
-            h = alloc_shrink_buffer(bufs, self.meta.max_tokens)
-            lora_apply(x, y, bufs, self.meta, h, "segments", base_bias=layer.bias)
+            h = self.buffers.lora_scratch(len(bufs.out_slices), bufs.max_rank)
+            lora_apply(x, y, bufs, self.meta, h, self.form, base_bias=layer.bias)
 
     def _vera(self, family: FamilyRows, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
-        token_slots = self._token_slots(family, x.shape[0], x.device)
         vectors = self.family_layers.vera_vectors(family.key, layer.key)
         for (out_start, out_f), (lambda_d, lambda_b) in vectors.items():
             A_l, B_l = self.family_layers.bases(family.key, out_f, layer.in_features)
-            vera_apply(x, y, A_l, B_l, lambda_d, lambda_b, token_slots, out_start)
+            h = self.buffers.family_scratch(A_l.shape[0])
+            vera_apply(x, y, A_l, B_l, lambda_d, lambda_b, self.token_slots[family.key], out_start, h)
 
-    def _token_slots(self, family: FamilyRows, num_rows: int, device: torch.device) -> torch.Tensor:
-        """[num_rows] int32: the family's rows carry their slot, every other row −1 (built once per step)."""
-        cached = self._family_slots.get((family.key, num_rows))
-        if cached is None:
-            cached = torch.full((num_rows,), -1, dtype=torch.int32, device=device)
-            rows = family.rows if isinstance(family.rows, slice) else family.rows.to(device)
-            cached[rows] = family.token_slots.to(device=device, dtype=torch.int32)
-            self._family_slots[(family.key, num_rows)] = cached
-        return cached
+    def _randlora(self, family: FamilyRows, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
+        for (out_start, out_f), stack in self.family_layers.randlora_stacks(family.key, layer.key).items():
+            A_l, V = self.family_layers.bases(family.key, out_f, layer.in_features)
+            h = self.buffers.family_scratch(V.shape[1])
+            randlora_apply(x, y, A_l, V, stack, self.token_slots[family.key], out_start, h)

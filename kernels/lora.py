@@ -61,13 +61,20 @@ class VeraSlice:
 
 @dataclass(slots=True)
 class RandLoraSlice:
-    """A RandLoRA adapter's scaled basis U for one projection; V belongs to its family."""
+    """A RandLoRA adapter's factors for one projection; A and V belong to its family.
+
+    The torch path multiplies by U = (λ ⊙ A_l ⊙ Γ) flattened (PEFT's order), built once at load; the
+    Triton path gathers λ and Γ per token instead and leaves U None (it is [r·nb, min]: for a square
+    layer as large as the base weight, per adapter).
+    """
 
     out_start: int
     out_features: int
-    U: torch.Tensor                       # [r·nb, min(in, out)] = (λ ⊙ A_l ⊙ Γ) flattened, PEFT's order
+    U: torch.Tensor | None                # [r·nb, min(in, out)] in the model dtype, or None
     scale: float
     in_le_out: bool
+    lam: torch.Tensor                     # [r, nb] float32 (randlora_lambda)
+    gamma: torch.Tensor                   # [nb, min] float32 (randlora_gamma)
 
 
 AnySlice = SliceFactors | VeraSlice | RandLoraSlice
@@ -81,7 +88,7 @@ class LinearFactors:
 
     @property
     def nbytes(self) -> int:
-        fields = ("A", "Bt", "bias", "output_scale", "lambda_d", "lambda_b", "U")
+        fields = ("A", "Bt", "bias", "output_scale", "lambda_d", "lambda_b", "U", "lam", "gamma")
         tensors = [t for s in self.slices for f in fields if (t := getattr(s, f, None)) is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 

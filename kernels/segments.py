@@ -1,6 +1,6 @@
 """Fixed-size per-step adapter metadata and stacked slot weights: the layout the Triton ops read.
 
-Pure torch. Two parts, both preallocated once at their maximum size so no step allocates:
+Pure torch. Each part is preallocated at its maximum size so a step allocates nothing on the device:
 
 `StepMeta` — one per step, shared by every layer (vLLM's "punica metadata"):
     token_slots [max_tokens]   int32   adapter slot of each packed row, −1 = base model (no work)
@@ -8,9 +8,11 @@ Pure torch. Two parts, both preallocated once at their maximum size so no step a
     seg_lens    [max_segments] int32   row count (0 allowed)   } [start, start+len) all use seg_slots[i]
     seg_slots   [max_segments] int32   slot of segment i       }
     num_segments [1]           int32   how many entries of seg_* are live (a device scalar)
-    num_tokens, max_seg_len            host ints; only size the launch grids
+    num_tokens, num_groups, max_seg_len  host ints; only size the launch grids
 Rows past num_tokens have slot −1, segments past num_segments are never read, so every kernel
 launch can use the maximum grid and stay correct.
+
+`StepBuffers` — owns the StepMeta plus the per-family token→slot rows and the kernels' fp32 scratch.
 
 `SlotBuffers` — one per AdaptedLinear, vLLM's stacked layout, `copy_` to load an adapter:
     A_buf [n_slices, max_slots, max_rank, in]       A of projection j for slot s = A_buf[j, s, :r]
@@ -31,13 +33,20 @@ Worked example: slots [3, 3, −1, 5] as decodes, then a 4-token prefill of slot
     seg_starts = [0, 3, 4, 0], seg_lens = [2, 1, 4, 0], seg_slots = [3, 5, 3, −1], num_segments = [3]
     max_seg_len = 4
 
-CUDA graph capture of the decode step would need: these buffers (and the shrink scratch
-`[n_slices, max_tokens, max_rank]` fp32) allocated before capture and only `copy_`-ed into after;
-the token form launched with the padded batch size as its grid (one graph per padded batch size,
-as vLLM captures); no host reads of device values (num_segments stays on device, the kernels read
-it); adapter loads written into slots outside the replay (the graph reads slot contents by
-address, so a `copy_` between replays is picked up). The segment form's grid depends on
-max_seg_len, so prefill stays eager (or is captured with max_seg_len = max_tokens).
+What a CUDA graph of the decode step needs, and where this code stands:
+  done   — every device buffer a step touches is allocated before any step and only written in place
+           (`StepBuffers`: StepMeta, the family token→slot rows, both scratches; the slot buffers and
+           RandLoRA/VeRA stacks are written at adapter load, between steps, which a replay picks up
+           because the graph reads them by address); the kernels read num_segments on the device and
+           never need a host read of a device value; decode-only steps use the token form, whose grid
+           depends only on the token count.
+  needed — launch the token form with the padded batch size (rows past num_tokens carry slot −1)
+           and capture one graph per padded size, as vLLM does; launch the VeRA/RandLoRA kernels for
+           every resident family rather than only the step's (a family without tokens is all −1 and
+           does no work), so the launch sequence does not depend on the adapter mix; make the model's
+           own per-step inputs (token ids, positions, KV slot ids, the decode attention mask) fixed-size
+           device buffers; and keep `StepBuffers.fill_*` and any scratch growth outside the replay.
+  The segment form's grid depends on the longest segment, so prefill stays eager.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ class StepMeta:
     seg_slots: torch.Tensor      # [max_segments] int32
     num_segments: torch.Tensor   # [1] int32
     num_tokens: int = 0
+    num_groups: int = 0          # host copy of num_segments: eager launches size their grids by it
     max_seg_len: int = 0
 
     @property
@@ -95,6 +105,7 @@ def fill_step_meta(meta: StepMeta, groups: list[Group], num_tokens: int) -> Step
     meta.seg_slots.copy_(slots)
     meta.num_segments.fill_(len(groups))
     meta.num_tokens = num_tokens
+    meta.num_groups = len(groups)
     meta.max_seg_len = max((end - start for _, start, end in groups), default=0)
     return meta
 
@@ -103,6 +114,54 @@ def build_step_meta(groups: list[Group], num_tokens: int, max_tokens: int | None
                     max_segments: int | None = None, device: torch.device | str = "cpu") -> StepMeta:
     meta = alloc_step_meta(max_tokens or max(num_tokens, 1), max_segments or max(len(groups), 1), device)
     return fill_step_meta(meta, groups, num_tokens)
+
+
+class StepBuffers:
+    """Every per-step buffer the Triton path writes or reads besides weights, allocated once and reused:
+    the StepMeta, one token→slot row per VeRA/RandLoRA family of the step, the LoRA shrink scratch and
+    the shared-bases scratch. They are sized at startup for the engine's token budget; a scratch grows
+    (reallocates, counted in `allocations`) only when a loaded adapter needs a wider one, which is a
+    load-time event, so a steady stream of steps allocates nothing on the device.
+
+        family_slots [max_families, max_tokens] int32   row i: slot of each row for the step's i-th family, −1 elsewhere
+        lora_h       [max_slices, max_tokens, max_rank] fp32   x Aᵀ per projection (LoRA shrink → expand)
+        family_h     [max_tokens, max_width]            fp32   x A_lᵀ (VeRA), x Uᵀ or x V (RandLoRA)
+    """
+
+    def __init__(self, max_tokens: int, max_families: int, device: torch.device | str = "cpu") -> None:
+        self.device = device
+        self.max_tokens = max_tokens
+        self.meta = alloc_step_meta(max_tokens, max_tokens, device)   # a group has ≥ 1 token
+        self.family_slots = torch.full((max_families, max_tokens), -1, dtype=torch.int32, device=device)
+        self.lora_h = torch.zeros(0, max_tokens, 0, dtype=torch.float32, device=device)
+        self.family_h = torch.zeros(max_tokens, 0, dtype=torch.float32, device=device)
+        self.allocations = 0
+
+    def fill_meta(self, groups: list[Group], num_tokens: int) -> StepMeta:
+        if num_tokens > self.max_tokens:
+            raise ValueError(f"{num_tokens} tokens exceed the step buffers' {self.max_tokens}")
+        return fill_step_meta(self.meta, groups, num_tokens)
+
+    def fill_family(self, index: int, rows: slice | torch.Tensor, token_slots: torch.Tensor,
+                    num_tokens: int) -> torch.Tensor:
+        """Row `index` of family_slots for this step: [num_tokens] with the family's rows set to their slot."""
+        out = self.family_slots[index, :num_tokens]
+        out.fill_(-1)
+        out[rows if isinstance(rows, slice) else rows.to(self.device)] = token_slots.to(self.device, torch.int32)
+        return out
+
+    def lora_scratch(self, n_slices: int, max_rank: int) -> torch.Tensor:
+        if self.lora_h.shape[0] < n_slices or self.lora_h.shape[2] < max_rank:
+            self.lora_h = torch.zeros(max(n_slices, self.lora_h.shape[0]), self.max_tokens,
+                                      max(max_rank, self.lora_h.shape[2]), dtype=torch.float32, device=self.device)
+            self.allocations += 1
+        return self.lora_h[:n_slices, :, :max_rank]
+
+    def family_scratch(self, width: int) -> torch.Tensor:
+        if self.family_h.shape[1] < width:
+            self.family_h = torch.zeros(self.max_tokens, width, dtype=torch.float32, device=self.device)
+            self.allocations += 1
+        return self.family_h[:, :width]
 
 
 @dataclass(slots=True)

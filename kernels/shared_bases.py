@@ -8,9 +8,43 @@ contiguous, else an index tensor.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 Rows = slice | torch.Tensor
+
+
+@dataclass(slots=True)
+class RandLoraStack:
+    """Every slot's trained RandLoRA factors for one projection of one family, stacked so a kernel can
+    gather them per token (the Triton backend's layout; the torch path uses each slot's U instead).
+
+    lam [max_slots, r, nb] fp32 (randlora_lambda), gamma [max_slots, nb, min] fp32 (randlora_gamma),
+    scales [max_slots] fp32 (randlora_alpha / r, 0 for a slot that holds no adapter of the family).
+    """
+
+    in_le_out: bool
+    lam: torch.Tensor
+    gamma: torch.Tensor
+    scales: torch.Tensor
+
+    @classmethod
+    def empty(cls, num_slots: int, r: int, nb: int, min_l: int, in_le_out: bool,
+              device: torch.device | str = "cpu") -> "RandLoraStack":
+        f32 = dict(dtype=torch.float32, device=device)
+        return cls(in_le_out, torch.zeros(num_slots, r, nb, **f32), torch.zeros(num_slots, nb, min_l, **f32),
+                   torch.zeros(num_slots, **f32))
+
+    def write(self, slot: int, lam: torch.Tensor, gamma: torch.Tensor, scale: float) -> None:
+        self.lam[slot].copy_(lam)
+        self.gamma[slot].copy_(gamma)
+        self.scales[slot] = scale
+
+    def clear(self, slot: int) -> None:
+        self.lam[slot].zero_()
+        self.gamma[slot].zero_()
+        self.scales[slot] = 0.0
 
 
 def _take(x: torch.Tensor, rows: Rows) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,8 +65,10 @@ class AdapterConfig:
 class ServerConfig:
     model: Path = DEMO_MODEL_DIR
     """Hugging Face checkpoint directory (Llama family, safetensors). Default: the demo SmolLM2."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N (auto: the first CUDA device when there is one, else the CPU)."""
     dtype: str = "auto"
-    """float32 | bfloat16 | auto (bfloat16 where the CPU has native bf16 matmuls or on CUDA, else float32)."""
+    """float32 | bfloat16 | auto (bfloat16 where the device has native bf16 matmuls, else float32)."""
     host: str = "127.0.0.1"
     port: int = 8000
     adapters_dir: Path = CACHE_HOME / "adapters"
@@ -77,6 +80,8 @@ class ServerConfig:
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
 
     def validate(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, not {self.dtype!r}")
         if not 0 < self.port < 65536:
@@ -84,15 +89,23 @@ class ServerConfig:
         self.engine.validate()
         self.adapters.validate()
 
-    def torch_dtype(self) -> torch.dtype:
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} requested but torch sees no CUDA device")
+        return device
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":
-            return torch.bfloat16 if native_bf16() else torch.float32
+            return torch.bfloat16 if native_bf16(device) else torch.float32
         return getattr(torch, self.dtype)
 
 
-def native_bf16() -> bool:
+def native_bf16(device: torch.device) -> bool:
     """bf16 only pays off with hardware bf16 matmuls; emulated bf16 is slower than float32 on CPUs."""
-    if torch.cuda.is_available():
+    if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
@@ -104,6 +117,7 @@ def available_cores() -> int:
 # One row per option: (flag, field path, type, help). The env var is ENV_PREFIX + FLAG_IN_CAPS.
 _OPTIONS: list[tuple[str, str, type, str]] = [
     ("--model", "model", Path, "Hugging Face checkpoint directory (Llama family, safetensors)"),
+    ("--device", "device", str, "auto | cpu | cuda | cuda:N (auto: CUDA when present)"),
     ("--dtype", "dtype", str, "float32 | bfloat16 | auto (bf16 only with native bf16 matmuls)"),
     ("--host", "host", str, "interface to listen on"),
     ("--port", "port", int, "TCP port"),

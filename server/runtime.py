@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters_store import AdapterRegistry, AdapterStore
-from kernels.backend import BACKENDS, select_backend
+from kernels.backend import BACKENDS, describe_backend, select_backend
 from server.adapters.host_cache import HostCache
 from server.adapters.manager import AdapterManager
 from server.adapters.packing import base_model_spec
@@ -44,37 +44,43 @@ class Runtime:
     max_model_len: int
     num_kv_slots: int
     dtype: torch.dtype
+    device: torch.device
 
 
 BACKEND_ENV = "ADAPTER_SERVER_KERNEL_BACKEND"
 
 
-def resolve_kernel_backend() -> str:
+def resolve_kernel_backend(device: torch.device) -> str:
     """The adapter-kernel backend for this process, decided once here: $ADAPTER_SERVER_KERNEL_BACKEND
-    (torch|triton, for tests and benchmarks) else `select_backend()` (triton on CUDA, torch otherwise)."""
+    (torch|triton, for tests and benchmarks; triton on a CPU needs TRITON_INTERPRET=1) else
+    `select_backend(device)` (triton on CUDA, torch otherwise)."""
     forced = os.environ.get(BACKEND_ENV, "").strip().lower()
     if forced and forced not in BACKENDS:
         raise ModelLoadError(f"{BACKEND_ENV}={forced!r}: expected one of {BACKENDS}")
-    return forced or select_backend()
+    return forced or select_backend(device)
 
 
 def build_runtime(config: ServerConfig) -> Runtime:
     torch.set_num_threads(config.threads or available_cores())
-    dtype = config.torch_dtype()
+    try:
+        device = config.torch_device()
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+    dtype = config.torch_dtype(device)
     model_config = load_model_config(config.model)
     max_len = config.engine.max_model_len or min(model_config.max_position_embeddings, 4096)
     if max_len > model_config.max_position_embeddings and model_config.rope_scaling is None:
         raise ModelLoadError(f"max_model_len {max_len} exceeds the model's context "
                              f"({model_config.max_position_embeddings})")
     started = time.perf_counter()
-    model = load_model(config.model, dtype, max_len)
+    model = load_model(config.model, dtype, max_len, device)
     tokenizer = TextTokenizer(config.model)
     per_slot = bytes_per_slot(model_config, max_len, dtype)
     num_slots = min(config.engine.max_num_seqs, int(config.engine.kv_cache_gb * 2**30) // per_slot)
     if num_slots < 1:
         raise ModelLoadError(f"kv_cache_gb={config.engine.kv_cache_gb} cannot hold one sequence of {max_len} "
                              f"tokens ({per_slot / 2**30:.2f} GiB); raise it or lower max_model_len")
-    kv_cache = KVCache.allocate(model_config, num_slots, max_len, dtype)
+    kv_cache = KVCache.allocate(model_config, num_slots, max_len, dtype, device)
     metrics = Metrics()
     adapter_cfg = config.adapters
     linears = model.adapted_linears()
@@ -85,11 +91,13 @@ def build_runtime(config: ServerConfig) -> Runtime:
     table = SlotTable(adapter_cfg.max_slots)
     scheduler = Scheduler(SlotAllocator(num_slots), config.engine.max_batched_tokens, table)
     eos = frozenset(model_config.eos_token_ids)
-    kernel_backend = resolve_kernel_backend()
-    runner = ModelRunner(model, kv_cache, AdapterManager(table, cache, linears, dtype, backend=kernel_backend))
+    kernel_backend = resolve_kernel_backend(device)
+    manager = AdapterManager(table, cache, linears, dtype, device, backend=kernel_backend,
+                             max_step_tokens=config.engine.max_batched_tokens)
+    runner = ModelRunner(model, kv_cache, manager)
     policy = PhasePolicy(max_wait_s=adapter_cfg.max_merge_wait_ms / 1000)
     engine = Engine(runner, scheduler, tokenizer, metrics, max_len, eos, policy)
-    log.info("loaded %s (%s) in %.1fs: %d KV slots x %d tokens, %d threads, %d adapters in %s, "
-             "kernel backend %s", config.model, dtype, time.perf_counter() - started, num_slots, max_len,
-             torch.get_num_threads(), recovered, config.adapters_dir, kernel_backend)
-    return Runtime(config, model, tokenizer, engine, metrics, service, max_len, num_slots, dtype)
+    log.info("loaded %s (%s on %s) in %.1fs: %d KV slots x %d tokens, %d threads, %d adapters in %s, "
+             "kernel backend %s", config.model, dtype, device, time.perf_counter() - started, num_slots, max_len,
+             torch.get_num_threads(), recovered, config.adapters_dir, describe_backend(kernel_backend, device))
+    return Runtime(config, model, tokenizer, engine, metrics, service, max_len, num_slots, dtype, device)

@@ -97,7 +97,7 @@ def our_logits(model: LlamaModel, ids: torch.Tensor, parsed=None) -> torch.Tenso
         table.acquire("v")
         manager = AdapterManager(table, cache, model.adapted_linears(), torch.float32)
         manager.load_pending()
-        adapters = manager.plan([TokenGroup(0, 0, n)])
+        adapters = manager.plan([TokenGroup(0, 0, n)], n)
     ctx = ForwardContext(input_ids=ids, positions=torch.arange(n), kv_slots=torch.zeros(n, dtype=torch.long),
                          num_decode=0, decode_slots=slice(0, 0), decode_mask=None, decode_attn_order=None,
                          prefills=[PrefillSegment(0, n, 0, 0)], logits_rows=torch.arange(n), adapters=adapters)

@@ -109,7 +109,7 @@ async def test_malformed_json_is_422(client):
 async def test_health_and_metrics(client):
     await client.post("/generate", json={"prompt": "Hello", "max_tokens": 3, "ignore_eos": True})
     health = (await client.get("/health")).json()
-    assert health["status"] == "ok" and health["dtype"] == "float32"
+    assert health["status"] == "ok" and health["dtype"] == "float32" and health["device"] == "cpu"
     assert health["kernel_backend"] == "torch"  # no CUDA here: chosen once at startup
     text = (await client.get("/metrics")).text
     for name in ("requests_total", "prompt_tokens_total", "generation_tokens_total",

@@ -5,8 +5,10 @@ Runs on the engine thread only. The scheduler pins versions into slots as it adm
 before each forward, `load_pending` packs the newly assigned versions into their slots.
 
 `backend` ("torch" | "triton") is decided once at startup by the caller. With "triton", LoRA-family
-adapters are also written into per-layer slot buffers (the layout the kernels read) and `plan` returns
-a `TritonAdapterBatch`; kernels.batch_triton is imported only then, so the torch path never loads triton.
+adapters are also written into per-layer slot buffers and RandLoRA λ/Γ into per-family stacks (the
+layouts the kernels read), the per-step buffers are allocated once for `max_step_tokens`, and `plan`
+returns a `TritonAdapterBatch`; kernels.batch_triton is imported only then, so the torch path never
+loads triton.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch
 from kernels.batch import AdapterBatch, FamilyRows, TokenGroup
 from kernels.backend import BACKENDS
 from kernels.lora import LinearFactors, RandLoraSlice, VeraSlice
+from kernels.segments import StepBuffers
+from kernels.shared_bases import RandLoraStack
 from kernels.slot_store import LoraSlotStore
 from server.adapters.families import FamilyCache
 from server.adapters.host_cache import HostCache
@@ -29,7 +33,8 @@ VeraVectors = dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]
 
 class AdapterManager:
     def __init__(self, table: SlotTable, cache: HostCache, linears: list[AdaptedLinear],
-                 dtype: torch.dtype, device: torch.device | str = "cpu", backend: str = "torch") -> None:
+                 dtype: torch.dtype, device: torch.device | str = "cpu", backend: str = "torch",
+                 max_step_tokens: int = 2048) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown kernel backend {backend!r}, expected one of {BACKENDS}")
         self.table = table
@@ -45,13 +50,16 @@ class AdapterManager:
         # VeRA vectors of every slot, stacked per family/layer/projection so one gather serves a step.
         self._vera: dict[str, dict[str, VeraVectors]] = {}
         self._randlora: dict[str, dict[str, set[tuple[int, int]]]] = {}
+        self._randlora_stacks: dict[str, dict[str, dict[tuple[int, int], RandLoraStack]]] = {}   # triton only
         self.loads = 0
         self.backend = backend
         self.lora_slots: LoraSlotStore | None = None
+        self.step_buffers: StepBuffers | None = None
         if backend == "triton":
             from kernels.batch_triton import TritonAdapterBatch
             self._triton_batch = TritonAdapterBatch
             self.lora_slots = LoraSlotStore(linears, num, dtype, device)
+            self.step_buffers = StepBuffers(max_step_tokens, num, device)
 
     # ---- loading ---------------------------------------------------------------------------
     def load_pending(self) -> None:
@@ -59,7 +67,8 @@ class AdapterManager:
             self._unload(slot)
             parsed = self.cache.get(version)
             bases = None if parsed.family is None else self.families.attach(parsed, slot)
-            factors = pack_adapter(parsed, self.linears, self.dtype, self.device, bases)
+            factors = pack_adapter(parsed, self.linears, self.dtype, self.device, bases,
+                                   randlora_u=self.backend == "torch")
             self.slot_factors[slot] = factors
             if parsed.family is not None:
                 key = parsed.family.key()
@@ -76,10 +85,14 @@ class AdapterManager:
                 for lambda_d, lambda_b in per_layer.values():
                     lambda_d[slot].zero_()
                     lambda_b[slot].zero_()
+            for per_layer in self._randlora_stacks.get(previous[1], {}).values():
+                for stack in per_layer.values():
+                    stack.clear(slot)
             self.families.detach(slot)
             if self.families.get(previous[1]) is None:
                 self._vera.pop(previous[1], None)
                 self._randlora.pop(previous[1], None)
+                self._randlora_stacks.pop(previous[1], None)
         self.slot_factors[slot] = None
         self.slot_family[slot] = None
         if self.lora_slots is not None:
@@ -93,12 +106,23 @@ class AdapterManager:
                 if isinstance(piece, VeraSlice):
                     per_layer = self._vera.setdefault(key, {}).setdefault(layer_key, {})
                     if where not in per_layer:
-                        per_layer[where] = (torch.zeros(num, piece.lambda_d.shape[0], dtype=self.dtype),
-                                            torch.zeros(num, piece.out_features, dtype=self.dtype))
+                        per_layer[where] = (torch.zeros(num, piece.lambda_d.shape[0], dtype=self.dtype,
+                                                        device=self.device),
+                                            torch.zeros(num, piece.out_features, dtype=self.dtype,
+                                                        device=self.device))
                     per_layer[where][0][slot] = piece.lambda_d
                     per_layer[where][1][slot] = piece.lambda_b
                 elif isinstance(piece, RandLoraSlice):
                     self._randlora.setdefault(key, {}).setdefault(layer_key, set()).add(where)
+                    if self.backend == "triton":
+                        self._stack(key, layer_key, where, piece).write(slot, piece.lam, piece.gamma, piece.scale)
+
+    def _stack(self, key: str, layer_key: str, where: tuple[int, int], piece: RandLoraSlice) -> RandLoraStack:
+        per_layer = self._randlora_stacks.setdefault(key, {}).setdefault(layer_key, {})
+        if where not in per_layer:
+            (r, nb), min_l = piece.lam.shape, piece.gamma.shape[1]
+            per_layer[where] = RandLoraStack.empty(self.table.num_slots, r, nb, min_l, piece.in_le_out, self.device)
+        return per_layer[where]
 
     # ---- FamilyLayers protocol (used by AdapterBatch) --------------------------------------
     def vera_vectors(self, family: str, layer_key: str) -> VeraVectors:
@@ -107,10 +131,12 @@ class AdapterManager:
     def randlora_slices(self, family: str, layer_key: str) -> set[tuple[int, int]]:
         return self._randlora.get(family, {}).get(layer_key, set())
 
+    def randlora_stacks(self, family: str, layer_key: str) -> dict[tuple[int, int], RandLoraStack]:
+        return self._randlora_stacks.get(family, {}).get(layer_key, {})
+
     def bases(self, family: str, out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.families.get(family).layer(out_f, in_f)
 
-    # ---- per step ----------------------------------------------------------------------------
     # ---- merged phases ------------------------------------------------------------------------
     @property
     def merged_version(self) -> str | None:
@@ -136,7 +162,9 @@ class AdapterManager:
         family = self.slot_family[slot] if slot >= 0 else None
         return ("" if family is None else family[1], slot)
 
-    def plan(self, groups: list[TokenGroup]) -> AdapterBatch | None:
+    def plan(self, groups: list[TokenGroup], num_tokens: int, decode_only: bool = False) -> AdapterBatch | None:
+        """The step's adapter work: `groups` of its `num_tokens` packed rows (`decode_only`: one token per
+        sequence, which the Triton backend serves with its per-token kernel form)."""
         if not groups:
             return None
         lora_groups = [g for g in groups if self.slot_family[g.slot] is None]
@@ -144,9 +172,10 @@ class AdapterManager:
         for g in groups:
             if self.slot_family[g.slot] is not None:
                 by_family.setdefault(self.slot_family[g.slot], []).append(g)
-        families = [_family_rows(kind, key, members) for (kind, key), members in by_family.items()]
+        families = [_family_rows(kind, key, members, self.device) for (kind, key), members in by_family.items()]
         if self.lora_slots is not None:
-            return self._triton_batch(lora_groups, families, self.slot_factors, self, self.lora_slots)
+            return self._triton_batch(lora_groups, families, self.slot_factors, self, self.lora_slots,
+                                      self.step_buffers, num_tokens, decode_only)
         return AdapterBatch(lora_groups, families, self.slot_factors, self)
 
     def finished(self, version: str | None) -> None:
@@ -155,13 +184,13 @@ class AdapterManager:
             self.cache.release(version)
 
 
-def _family_rows(kind: str, key: str, groups: list[TokenGroup]) -> FamilyRows:
+def _family_rows(kind: str, key: str, groups: list[TokenGroup], device: torch.device | str) -> FamilyRows:
     members, offset = [], 0
     for g in groups:
         members.append((slice(offset, offset + g.end - g.start), g.slot))
         offset += g.end - g.start
     contiguous = all(a.end == b.start for a, b in zip(groups, groups[1:]))
     rows = (slice(groups[0].start, groups[-1].end) if contiguous
-            else torch.cat([torch.arange(g.start, g.end) for g in groups]))
-    token_slots = torch.cat([torch.full((g.end - g.start,), g.slot, dtype=torch.long) for g in groups])
+            else torch.tensor([i for g in groups for i in range(g.start, g.end)], device=device))
+    token_slots = torch.tensor([g.slot for g in groups for _ in range(g.start, g.end)], device=device)
     return FamilyRows(kind, key, rows, token_slots, members)

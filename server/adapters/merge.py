@@ -62,12 +62,13 @@ class WeightMerger:
         bias = None if linear.bias is None else linear.bias.data.clone()
         for s in targeted:
             rows = slice(s.out_start, s.out_start + s.out_features)
-            merged_bias = parsed.merged_bias(s.path, None if bias is None else bias[rows])
+            # The parsed adapter lives in host memory: the float32 math runs there (a no-op move on CPU).
+            merged_bias = parsed.merged_bias(s.path, None if bias is None else bias[rows].cpu())
             if merged_bias is not None and bias is None:
                 raise CannotMerge(f"{s.path}: the adapter adds a bias the base layer does not have")
-            weight[rows] = parsed.merged_weight(s.path, weight[rows]).to(weight.dtype)   # float32 math
+            weight[rows] = parsed.merged_weight(s.path, weight[rows].cpu()).to(weight.device, weight.dtype)
             if merged_bias is not None:
-                bias[rows] = merged_bias.to(bias.dtype)
+                bias[rows] = merged_bias.to(bias.device, bias.dtype)
         self.state.originals[id(linear)] = (linear, linear.weight.data, None if bias is None else linear.bias.data)
         linear.weight.data = weight
         if bias is not None:

@@ -27,11 +27,13 @@ def base_model_spec(linears: list[AdaptedLinear], max_rank: int, max_bytes: int)
 
 
 def pack_adapter(parsed: ParsedAdapter, linears: list[AdaptedLinear], dtype: torch.dtype,
-                 device: torch.device | str = "cpu", bases: FamilyBases | None = None) -> dict[str, LinearFactors]:
+                 device: torch.device | str = "cpu", bases: FamilyBases | None = None,
+                 randlora_u: bool = True) -> dict[str, LinearFactors]:
     """Lay one adapter out per AdaptedLinear, in the model dtype on `device`.
 
-    LoRA family: A and Bᵀ per projection. VeRA: its two vectors. RandLoRA: its scaled basis U,
-    computed once here in float32 exactly as PEFT computes it on every forward.
+    LoRA family: A and Bᵀ per projection. VeRA: its two vectors. RandLoRA: λ and Γ (float32), and
+    with `randlora_u` its scaled basis U, computed once here in float32 exactly as PEFT computes it on
+    every forward (the torch path needs U; the Triton kernels gather λ and Γ instead).
     """
     def convert(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(device=device, dtype=dtype).contiguous()
@@ -43,9 +45,13 @@ def pack_adapter(parsed: ParsedAdapter, linears: list[AdaptedLinear], dtype: tor
         if isinstance(f, VeraFactors):
             return VeraSlice(start, out_f, convert(f.lambda_d), convert(f.lambda_b))
         assert isinstance(f, RandLoraFactors) and bases is not None
-        A_l, _ = bases.layer(out_f, in_f)
-        U = (f.lam[:, :, None] * A_l.float() * f.gamma[None]).flatten(end_dim=1)
-        return RandLoraSlice(start, out_f, convert(U), f.scale, in_le_out=in_f <= out_f)
+        U = None
+        if randlora_u:
+            A_l, _ = bases.layer(out_f, in_f)
+            U = convert((f.lam[:, :, None] * A_l.float() * f.gamma[None]).flatten(end_dim=1))
+        f32 = dict(device=device, dtype=torch.float32)
+        return RandLoraSlice(start, out_f, U, f.scale, in_le_out=in_f <= out_f, lam=f.lam.to(**f32).contiguous(),
+                             gamma=f.gamma.to(**f32).contiguous())
 
     packed: dict[str, LinearFactors] = {}
     for linear in linears:

@@ -19,6 +19,7 @@ async def health(request: Request) -> Response:
     body = {
         "status": "ok" if engine.alive else "engine_down",
         "model": str(runtime.config.model),
+        "device": str(runtime.device),
         "dtype": str(runtime.dtype).removeprefix("torch."),
         "max_model_len": runtime.max_model_len,
         "kv_slots": runtime.num_kv_slots,

@@ -25,9 +25,10 @@ class KVCache:
     values: list[torch.Tensor]
 
     @classmethod
-    def allocate(cls, config: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype) -> "KVCache":
+    def allocate(cls, config: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> "KVCache":
         shape = (num_slots, config.num_kv_heads, max_len, config.head_dim)
-        # torch.zeros maps untouched pages lazily, so a large budget costs memory only as it fills.
-        keys = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
-        values = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
+        # On CPU torch.zeros maps untouched pages lazily, so a large budget costs memory only as it fills.
+        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         return cls(keys, values)

@@ -32,6 +32,7 @@ class ModelRunner:
         self.model = model
         self.kv_cache = kv_cache
         self.adapters = adapters
+        self.device = model.embed_tokens.weight.device
 
     def prepare(self, batch: ScheduledBatch) -> ForwardContext:
         slot_of = {id(s): self.adapters.slot_of(s.request.adapter_version)
@@ -59,37 +60,40 @@ class ModelRunner:
             row_of[id(seq)] = first_row + n - 1
             _add_group(groups, slot_of[id(seq)], first_row, first_row + n)
         decode_slots, decode_mask, attn_order = self._decode_layout(decodes)
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)   # noqa: E731
         return ForwardContext(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            positions=torch.tensor(positions, dtype=torch.long),
-            kv_slots=torch.tensor(kv_slots, dtype=torch.long),
+            input_ids=as_tensor(ids),
+            positions=as_tensor(positions),
+            kv_slots=as_tensor(kv_slots),
             num_decode=len(decodes),
             decode_slots=decode_slots,
             decode_mask=decode_mask,
             decode_attn_order=attn_order,
             prefills=prefills,
-            logits_rows=torch.tensor([row_of[id(s)] for s in batch.sampled()], dtype=torch.long),
-            adapters=self.adapters.plan(groups),
+            logits_rows=as_tensor([row_of[id(s)] for s in batch.sampled()]),
+            adapters=self.adapters.plan(groups, len(ids), decode_only=not prefills),
         )
 
-    @staticmethod
-    def _decode_layout(decodes: list[Sequence]) -> tuple[torch.Tensor | slice, torch.Tensor | None,
-                                                          torch.Tensor | None]:
+    def _decode_layout(self, decodes: list[Sequence]) -> tuple[torch.Tensor | slice, torch.Tensor | None,
+                                                                torch.Tensor | None]:
         """KV slots of the decode rows in KV-slot order (a slice when contiguous), their key mask,
         and the row permutation into that order (None when rows already are in it)."""
         if not decodes:
             return slice(0, 0), None, None
         order = sorted(range(len(decodes)), key=lambda i: decodes[i].kv_slot)
         slot_ids = [decodes[i].kv_slot for i in order]
-        lengths = torch.tensor([decodes[i].num_computed + 1 for i in order])
+        device = self.device
+        lengths = torch.tensor([decodes[i].num_computed + 1 for i in order], device=device)
         contiguous = slot_ids == list(range(slot_ids[0], slot_ids[0] + len(slot_ids)))
-        slots = slice(slot_ids[0], slot_ids[-1] + 1) if contiguous else torch.tensor(slot_ids)
-        mask = torch.arange(int(lengths.max())) < lengths.unsqueeze(1)   # [B, L]
-        attn_order = None if order == list(range(len(order))) else torch.tensor(order)
+        slots = slice(slot_ids[0], slot_ids[-1] + 1) if contiguous else torch.tensor(slot_ids, device=device)
+        longest = max(decodes[i].num_computed + 1 for i in order)
+        mask = torch.arange(longest, device=device) < lengths.unsqueeze(1)   # [B, L]
+        attn_order = None if order == list(range(len(order))) else torch.tensor(order, device=device)
         return slots, mask[:, None, None, :], attn_order
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [len(batch.sampled()), vocab] float32."""
+        """Logits [len(batch.sampled()), vocab] float32, on the CPU: sampling uses per-request CPU
+        generators, so a seed gives the same tokens whatever device the model runs on."""
         self.adapters.load_pending()
         ctx = self.prepare(batch)
-        return self.model(ctx, self.kv_cache.keys, self.kv_cache.values)
+        return self.model(ctx, self.kv_cache.keys, self.kv_cache.values).cpu()

@@ -90,7 +90,8 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale,
                                                  enable_gqa=True)
         else:  # a later chunk sees the whole cached prefix plus its own causal part
-            visible = torch.arange(start + n) <= (start + torch.arange(n)).unsqueeze(1)  # [n, L]
+            visible = (torch.arange(start + n, device=q.device)
+                       <= (start + torch.arange(n, device=q.device)).unsqueeze(1))           # [n, L]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=self.scale,
                                                  enable_gqa=True)
         return out[0].transpose(0, 1)                              # [n, H, D]

@@ -50,13 +50,14 @@ def _load_adapted(linear: AdaptedLinear, tensors: dict[str, torch.Tensor]) -> No
             _copy(linear.bias[rows], tensors.pop(f"{s.path}.bias"), f"{s.path}.bias")
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, max_len: int) -> LlamaModel:
+def load_model(model_dir: Path, dtype: torch.dtype, max_len: int,
+               device: torch.device | str = "cpu") -> LlamaModel:
     config = load_model_config(model_dir)
     with torch.device("meta"):
         model = LlamaModel(config, max_len, dtype)
-    model = model.to_empty(device="cpu").to(dtype)
+    model = model.to_empty(device=device).to(dtype)
     # to_empty() left the non-persistent RoPE tables uninitialised; rebuild them on the real device.
-    model.rope_cos, model.rope_sin = rope_tables(config, max_len, dtype)
+    model.rope_cos, model.rope_sin = (t.to(device) for t in rope_tables(config, max_len, dtype))
     tensors = read_tensors(model_dir)
     try:
         with torch.no_grad():

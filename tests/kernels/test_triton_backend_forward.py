@@ -2,7 +2,9 @@
 
 A tiny random Llama (with biases, so DoRA's base-bias term and lora_bias are exercised) runs one prefill
 whose rows use LoRA (+bias), DoRA, rsLoRA of rank 80 (> the slot buffers' initial 64: they grow, copying
-the slots loaded before), VeRA, RandLoRA and the base model, interleaved. The triton side runs under
+the slots loaded before), VeRA, RandLoRA and the base model, interleaved, in the segment form (prefill)
+and the per-token form (decode-only steps), the second reusing the step buffers the first sized. The
+triton side runs under
 Triton's interpreter, which must be on before triton is first imported in a process; this pytest process
 may already hold a compiled triton, so the comparison runs in a fresh subprocess (`python -m` this module)
 with TRITON_INTERPRET=1 and ADAPTER_SERVER_KERNEL_BACKEND=triton. Nothing here imports triton itself.
@@ -57,23 +59,33 @@ def test_slot_store_grows_and_keeps_loaded_slots():
 
 
 # ------------------------------------------------------------------------------ the subprocess side
-def _forward(model, ids: torch.Tensor, parsed: dict, groups: list, backend: str):
-    """Prefill logits with `groups` [(adapter name | None, start, end)], and the manager that planned them."""
-    from kernels.batch import TokenGroup
+def _manager(model, parsed: dict, backend: str):
+    """An AdapterManager with adapter i of `parsed` loaded into slot i."""
     from server.adapters.host_cache import HostCache
     from server.adapters.manager import AdapterManager
     from server.adapters.slot_table import SlotTable
-    from server.model.context import ForwardContext, PrefillSegment
 
     cache = HostCache(max_bytes=2**40)
-    table = SlotTable(len(parsed))
+    table = SlotTable(max(len(parsed), 1))
     for name, adapter_ in parsed.items():   # slot i = i-th adapter, loaded in this order
         cache.put(name, adapter_)
         table.acquire(name)
-    manager = AdapterManager(table, cache, model.adapted_linears(), torch.float32, backend=backend)
+    manager = AdapterManager(table, cache, model.adapted_linears(), torch.float32, backend=backend,
+                             max_step_tokens=64)
     manager.load_pending()
-    slot = {name: table.slot_of(name) for name in parsed}
-    plan = manager.plan([TokenGroup(slot[name], start, end) for name, start, end in groups if name is not None])
+    return manager
+
+
+def _forward(model, ids: torch.Tensor, manager, groups: list, decode_only: bool = False) -> torch.Tensor:
+    """Logits of every row of one step whose rows use `groups` [(adapter name | None, start, end)]. The
+    adapter math does not depend on how attention sees the rows, so one prefill segment carries them;
+    `decode_only` only picks the per-token kernel form."""
+    from kernels.batch import TokenGroup
+    from server.model.context import ForwardContext, PrefillSegment
+
+    table = manager.table
+    plan = manager.plan([TokenGroup(table.slot_of(name), start, end) for name, start, end in groups
+                         if name is not None], len(ids), decode_only)
     cfg, n = model.config, len(ids)
     keys = [torch.zeros(1, cfg.num_kv_heads, n, cfg.head_dim) for _ in range(cfg.num_layers)]
     values = [torch.zeros_like(k) for k in keys]
@@ -81,7 +93,7 @@ def _forward(model, ids: torch.Tensor, parsed: dict, groups: list, backend: str)
                          num_decode=0, decode_slots=slice(0, 0), decode_mask=None, decode_attn_order=None,
                          prefills=[PrefillSegment(0, n, 0, 0)], logits_rows=torch.arange(n), adapters=plan)
     with torch.no_grad():
-        return model(ctx, keys, values), manager
+        return model(ctx, keys, values)
 
 
 def main(workdir: Path) -> None:
@@ -96,7 +108,7 @@ def main(workdir: Path) -> None:
     from tests.conftest import build_tiny_llama
     from tests.peft_helpers import ALL_TARGETS, save_peft_adapter
 
-    assert resolve_kernel_backend() == "triton"
+    assert resolve_kernel_backend(torch.device("cpu")) == "triton"   # forced by the env var
     model_dir = build_tiny_llama(workdir / "base", seed=11, attention_bias=True, mlp_bias=True)
     hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     configs = {   # load order: the r=80 adapter comes after smaller ones, so the buffers grow mid-way
@@ -116,21 +128,38 @@ def main(workdir: Path) -> None:
               ("randlora", 17, 22), (None, 22, 24), ("lora-bias", 24, 30), ("vera", 30, 33), ("dora", 33, 34)]
     ids = torch.randint(0, 300, (34,), generator=torch.Generator().manual_seed(3))
 
-    import kernels.triton_ops as ops
-    base, _ = _forward(model, ids, {}, [], "torch")
-    ref, _ = _forward(model, ids, parsed, groups, "torch")
-    got, manager = _forward(model, ids, parsed, groups, "triton")
-    assert isinstance(ops._lora_shrink_seg_kernel, InterpretedFunction) and ops.INTERPRETED
+    import kernels.lora_triton as lora_ops
+    import kernels.shared_bases_triton as sb_ops
+    base = _forward(model, ids, _manager(model, {}, "torch"), [])
+    reference = _manager(model, parsed, "torch")
+    ref = _forward(model, ids, reference, groups)
+    manager = _manager(model, parsed, "triton")
+    got = _forward(model, ids, manager, groups)
+    for kernel in (lora_ops._lora_shrink_seg_kernel, sb_ops._randlora_gamma_shrink_kernel):
+        assert isinstance(kernel, InterpretedFunction)
     assert manager.lora_slots is not None and max(b.max_rank for b in manager.lora_slots.buffers.values()) == 128
+    randlora_slot = manager.table.slot_of("randlora")
+    assert all(p.U is None for f in manager.slot_factors[randlora_slot].values() for p in f.slices), \
+        "the Triton path must not materialise RandLoRA's U"
     assert (ref - base).abs().max().item() > 1e-2
     for k, (name, start, end) in enumerate(groups):   # each group's own delta matters (not just via attention)
         if name is not None:
-            without, _ = _forward(model, ids, parsed, groups[:k] + groups[k + 1:], "torch")
+            without = _forward(model, ids, reference, groups[:k] + groups[k + 1:])
             changed = (ref[start:end] - without[start:end]).abs().max().item()
             assert changed > 1e-3, f"{name}: rows {start}:{end} changed by {changed}"
     err = (got - ref).abs().max().item()
-    print(f"max |triton - torch| = {err:.3g}")
+    print(f"max |triton - torch| = {err:.3g} (segment form)")
     assert err < 1e-4, err
+
+    # The per-token form (what decode-only steps use) on the same rows, through the same step buffers:
+    # after the first step sized them, later steps reuse them without allocating.
+    buffers = manager.step_buffers
+    allocations, pointers = buffers.allocations, (buffers.lora_h.data_ptr(), buffers.family_h.data_ptr())
+    got_tokens = _forward(model, ids, manager, groups, decode_only=True)
+    err = (got_tokens - ref).abs().max().item()
+    print(f"max |triton - torch| = {err:.3g} (token form)")
+    assert err < 1e-4, err
+    assert buffers.allocations == allocations and (buffers.lora_h.data_ptr(), buffers.family_h.data_ptr()) == pointers
     print("EQUAL")
 
 

@@ -1,7 +1,7 @@
 """Every Triton kernel equals its torch reference, run by Triton's interpreter on CPU.
 
 TRITON_INTERPRET is read when `@triton.jit` decorates: when triton itself is imported (its library
-functions are jit functions) and when kernels.triton_ops is. The variable is set below before either;
+functions are jit functions) and when the kernel modules are. The variable is set below before either;
 if another module of this pytest process imported triton first without it, every check here is
 skipped in-process and `test_triton_kernels_in_a_fresh_interpreted_process` reruns this file in a
 subprocess with the variable set (and fails if any check there fails).
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-# Before anything imports triton or kernels.triton_ops, and left set: triton also consults it lazily
+# Before anything imports triton or a kernel module, and left set: triton also consults it lazily
 # at launch (e.g. when it first imports its gluon package), so it must stay on for the whole process.
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -34,7 +34,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from kernels.batch import AdapterBatch, TokenGroup
 from kernels.segments import build_step_meta, lora_shrink_expand_ref
-from kernels.shared_bases import vera_family_ref
+from kernels.shared_bases import randlora_family_ref, vera_family_ref
 from tests.kernels.helpers import adapter, slot_buffers, to_dtype
 
 BF16_EPS = torch.finfo(torch.bfloat16).eps
@@ -43,16 +43,24 @@ BF16_EPS = torch.finfo(torch.bfloat16).eps
 def _interpreting() -> bool:
     """True when this process's triton was imported in interpreter mode: triton's own library functions
     (tl.sum, tl.cdiv, ...) are `@jit`-decorated when triton is imported, so the env var only helps if
-    it was set before *triton* was first imported, not just before kernels.triton_ops."""
+    it was set before *triton* was first imported, not just before the kernel modules."""
     from triton.language import standard
     return isinstance(standard.sum, InterpretedFunction)
 
 
+def _load_interpreted(name: str):
+    module = importlib.import_module(name)
+    kernels = [v for k, v in vars(module).items() if k.endswith("_kernel")]
+    if not all(isinstance(k, InterpretedFunction) for k in kernels):   # imported before the env var was set
+        module = importlib.reload(module)
+    return module
+
+
 IN_PROCESS = _interpreting()
 if IN_PROCESS:
-    T_OPS = importlib.import_module("kernels.triton_ops")
-    if not isinstance(T_OPS._lora_shrink_seg_kernel, InterpretedFunction):   # imported before the env var
-        T_OPS = importlib.reload(T_OPS)
+    COMMON = _load_interpreted("kernels.triton_common")
+    LORA_OPS = _load_interpreted("kernels.lora_triton")
+    SB_OPS = _load_interpreted("kernels.shared_bases_triton")
 # Otherwise another module imported triton compiled first: the checks below rerun in a fresh process.
 interpreted = pytest.mark.skipif(not IN_PROCESS, reason="triton imported compiled: see the subprocess test")
 
@@ -69,19 +77,19 @@ def test_triton_kernels_in_a_fresh_interpreted_process():
 
 @interpreted
 def test_kernels_are_interpreted():
-    kernels = [v for k, v in vars(T_OPS).items() if k.startswith("_") and k.endswith("_kernel")]
-    assert len(kernels) == 6 and all(isinstance(k, InterpretedFunction) for k in kernels)
-    assert T_OPS.INTERPRETED
+    kernels = [v for m in (LORA_OPS, SB_OPS) for k, v in vars(m).items() if k.startswith("_") and k.endswith("_kernel")]
+    assert len(kernels) == 8 and all(isinstance(k, InterpretedFunction) for k in kernels)
+    assert COMMON.INTERPRETED and isinstance(COMMON.mma, InterpretedFunction)
 
 
-def _close(got: torch.Tensor, ref: torch.Tensor, y0: torch.Tensor, dtype: torch.dtype) -> None:
+def _close(got: torch.Tensor, ref: torch.Tensor, y0: torch.Tensor, dtype: torch.dtype, delta_eps: float = 2) -> None:
     delta = (ref.float() - y0.float()).abs().max().item()
     assert delta > 0.1, "the adapters must change the output, else the check is vacuous"
     if dtype == torch.float32:
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
     else:
         err = (got.float() - ref.float()).abs()
-        bound = BF16_EPS * ref.float().abs() + 2 * BF16_EPS * delta
+        bound = BF16_EPS * ref.float().abs() + delta_eps * BF16_EPS * delta
         assert (err <= bound).all(), f"max err {err.max():.3g}, worst excess {(err - bound).max():.3g}"
 
 
@@ -128,8 +136,8 @@ def test_lora_shrink_expand_both_forms_equal_reference(name):
     ref = lora_shrink_expand_ref(x, y0.clone(), meta, bufs, b0)
     base_rows = meta.token_slots[:x.shape[0]] < 0
     for form in ("segments", "tokens"):
-        h = T_OPS.alloc_shrink_buffer(bufs, meta.max_tokens)
-        got = T_OPS.lora_apply(x, y0.clone(), bufs, meta, h, form, base_bias=b0)
+        h = LORA_OPS.alloc_shrink_buffer(bufs, meta.max_tokens)
+        got = LORA_OPS.lora_apply(x, y0.clone(), bufs, meta, h, form, base_bias=b0)
         _close(got, ref, y0, dtype)
         assert torch.equal(got[base_rows], y0[base_rows]), f"{form}: base rows must be untouched"
 
@@ -144,8 +152,8 @@ def test_lora_expand_overwrite_mode_writes_only_adapted_entries():
             if bufs.slot_ranks[j, slot] > 0:
                 adapted[start:end, c0:c0 + n] = True
     for form in ("segments", "tokens"):
-        h = T_OPS.lora_shrink(x, bufs, meta, T_OPS.alloc_shrink_buffer(bufs, meta.max_tokens), form)
-        got = T_OPS.lora_expand(h, y0.clone(), bufs, meta, form, accumulate=False)
+        h = LORA_OPS.lora_shrink(x, bufs, meta, LORA_OPS.alloc_shrink_buffer(bufs, meta.max_tokens), form)
+        got = LORA_OPS.lora_expand(h, y0.clone(), bufs, meta, form, accumulate=False)
         torch.testing.assert_close(got[adapted], ref[adapted], atol=1e-5, rtol=0)
         assert torch.equal(got[~adapted], y0[~adapted])
 
@@ -175,9 +183,80 @@ def test_vera_fused_gather_scale_equals_reference(name):
     ref = y0.clone()
     fam = slots[rows].long()
     vera_family_ref(x, ref[:, 7:], rows, A_l, B_l, lam_d[fam], lam_b[fam])
-    got = T_OPS.vera_apply(x, y0.clone(), A_l, B_l, lam_d, lam_b, slots, out_start=7)
+    got = SB_OPS.vera_apply(x, y0.clone(), A_l, B_l, lam_d, lam_b, slots, out_start=7)
     _close(got, ref, y0, dtype)
     assert torch.equal(got[:, :7], y0[:, :7]) and torch.equal(got[slots < 0], y0[slots < 0])
+
+
+# RandLoRA: family bases A_l [r, 1, min], V [max, nb·r]; per-slot λ [r, nb], Γ [nb, min] (fp32), scale.
+# The reference multiplies by each adapter's materialised U = λ ⊙ A_l ⊙ Γ (PEFT's form, what the torch path
+# runs); the kernels never build U. bf16: the reference also rounds U itself (≤ eps/2 per entry), which moves
+# δ by up to ~eps·|δ| more than the LoRA case, hence 3·eps·max|δ| instead of 2.
+RANDLORA_CASES = {
+    "in64-out97-r8-interleaved": dict(r=8, in_f=64, out=97, slots=[0, -1, 2, 2, -1, 1, 0, 3], dtype=torch.float32),
+    "in97-out576-r13": dict(r=13, in_f=97, out=576, slots=[1, 1, 2, -1, 0], dtype=torch.float32),
+    "in576-out64-r8-single": dict(r=8, in_f=576, out=64, slots=[2], dtype=torch.float32),
+    "in97-out64-r1-interleaved": dict(r=1, in_f=97, out=64, slots=[-1, 3, 3, 0, -1, 2, 3], dtype=torch.float32),
+    "in576-out97-r64": dict(r=64, in_f=576, out=97, slots=[0, 2, -1, 2], dtype=torch.float32),
+    "in64-out64-r8-bf16": dict(r=8, in_f=64, out=64, slots=[1, 1, -1, 0, 3, 3, -1, 2] * 2, dtype=torch.bfloat16),
+    "in97-out64-r13-bf16": dict(r=13, in_f=97, out=64, slots=[2, 0, 0, -1, 1], dtype=torch.bfloat16),
+}
+
+
+def _randlora_setup(c: dict, seed: int = 4):
+    from kernels.lora import RandLoraSlice
+    from kernels.shared_bases import RandLoraStack
+
+    gen = torch.Generator().manual_seed(seed)
+    dtype, r, in_f, out = c["dtype"], c["r"], c["in_f"], c["out"]
+    min_l, max_l = min(in_f, out), max(in_f, out)
+    nb = -(-min_l // r)
+    A_l = (torch.randn(r, 1, min_l, generator=gen) / min_l ** 0.5).to(dtype)
+    V = (torch.randn(max_l, nb * r, generator=gen) / (nb * r) ** 0.5).to(dtype)
+    stack = RandLoraStack.empty(4, r, nb, min_l, in_le_out=in_f <= out)
+    pieces = {}
+    for slot in range(4):
+        lam, gamma = torch.rand(r, nb, generator=gen) + 0.5, torch.randn(nb, min_l, generator=gen)
+        scale = [0.5, 2.0, 0.75, 1.0][slot]
+        stack.write(slot, lam, gamma, scale)
+        U = (lam[:, :, None] * A_l.float() * gamma[None]).flatten(end_dim=1).to(dtype)   # as pack_adapter builds it
+        pieces[slot] = RandLoraSlice(7, out, U, scale, in_f <= out, lam, gamma)
+    return gen, dtype, A_l, V, stack, pieces
+
+
+@interpreted
+@pytest.mark.parametrize("name", list(RANDLORA_CASES))
+def test_randlora_factored_gather_equals_reference(name):
+    c = RANDLORA_CASES[name]
+    gen, dtype, A_l, V, stack, pieces = _randlora_setup(c)
+    T = len(c["slots"])
+    x = torch.randn(T, c["in_f"], generator=gen).to(dtype)
+    y0 = torch.randn(T, 7 + c["out"] + 5, generator=gen).to(dtype)     # the projection sits at columns 7:7+out
+    slots = torch.tensor(c["slots"], dtype=torch.int32)
+    rows = torch.nonzero(slots >= 0).flatten()
+    members = [(slice(i, i + 1), pieces[int(slots[row])]) for i, row in enumerate(rows.tolist())]
+    ref = y0.clone()
+    randlora_family_ref(x, ref[:, 7:7 + c["out"]], rows, members, V)
+    got = SB_OPS.randlora_apply(x, y0.clone(), A_l, V, stack, slots, out_start=7)
+    _close(got, ref, y0, dtype, delta_eps=3)
+    untouched = torch.ones_like(y0, dtype=torch.bool)
+    untouched[rows, 7:7 + c["out"]] = False
+    assert torch.equal(got[untouched], y0[untouched]), "only the family's rows and the projection's columns change"
+
+
+@interpreted
+def test_randlora_slot_without_adapter_adds_nothing():
+    """A cleared slot (scale 0, λ = Γ = 0) contributes exactly zero, and rows outside the family never read
+    the scratch (NaN there would show)."""
+    c = RANDLORA_CASES["in97-out64-r1-interleaved"]
+    gen, dtype, A_l, V, stack, _ = _randlora_setup(c)
+    stack.clear(3)
+    x = torch.randn(4, c["in_f"], generator=gen)
+    y0 = torch.randn(4, 7 + c["out"], generator=gen)
+    slots = torch.tensor([3, 3, -1, 3], dtype=torch.int32)
+    scratch = torch.full((8, 64), float("nan"))   # stale scratch rows (another family's) must never be read
+    got = SB_OPS.randlora_apply(x, y0.clone(), A_l, V, stack, slots, out_start=7, h=scratch)
+    assert torch.equal(got, y0)
 
 
 class _Layer(torch.nn.Module):
@@ -202,8 +281,8 @@ class _TritonDelta:
 
     def apply(self, layer: _Layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         b = self.bufs[layer.key]
-        h = T_OPS.alloc_shrink_buffer(b, self.meta.max_tokens)
-        return T_OPS.lora_apply(x, y, b, self.meta, h, self.form, base_bias=layer.bias)
+        h = LORA_OPS.alloc_shrink_buffer(b, self.meta.max_tokens)
+        return LORA_OPS.lora_apply(x, y, b, self.meta, h, self.form, base_bias=layer.bias)
 
 
 @interpreted

@@ -1,18 +1,15 @@
-"""Triton kernels for gathered adapter math, each beside the torch reference it must equal.
+"""Triton twins of the slot-buffer LoRA ops (`kernels.segments.lora_shrink_expand_ref` is the reference).
 
-Layouts are `kernels.segments` (StepMeta, SlotBuffers). LoRA-family ops are vLLM's shrink/expand:
+Layouts are `kernels.segments` (StepMeta, SlotBuffers). The ops are vLLM's shrink/expand:
     shrink: h[j, t, :r] = x[t] A_buf[j, s, :r]ᵀ      (h: fp32 scratch [n_slices, max_tokens, max_rank])
     expand: y[t, cols_j] (+)= epilogue((h[j, t, :r] → B dtype) B_buf[s, cols_j, :r]ᵀ)
 with s = slot of t, r = slot_ranks[j, s] read inside the kernel (the rank loop stops there; s = −1
 or r = 0 is no work). Two launch forms of each:
-    segment form (prefill): grid (max_segments, row tiles [× col tiles], n_slices), tl.dot tiles
+    segment form (prefill): grid (segments, row tiles [× col tiles], n_slices), tl.dot tiles
     token form   (decode):  grid (max_tokens [, col tiles], n_slices), one token per program
 Products accumulate in fp32 whatever the input dtype; h is rounded to B's dtype before the expand
 product, like the torch reference's bf16 `x Aᵀ`. Tile sizes are constexpr, odd sizes are masked.
-
-On CPU these run under Triton's interpreter only: TRITON_INTERPRET=1 must be set before this module
-is imported (the env var is read when `@triton.jit` decorates). Launch helpers take the scratch
-buffer from the caller so a CUDA graph can capture them (see `kernels.segments`).
+Launch helpers take the scratch buffer from the caller so a CUDA graph can capture them.
 """
 
 from __future__ import annotations
@@ -21,25 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.segments import SlotBuffers, StepMeta, lora_shrink_expand_ref  # noqa: F401  (the reference)
-from kernels.shared_bases import vera_family_ref  # noqa: F401  (the reference of the VeRA pair)
-
-
-# Triton 3.9's interpreter computes tl.dot on bf16/fp16 operands from their raw bits (garbage), so
-# when interpreting, the operands are upcast first. That is exact (a product of two bf16/fp16 values
-# is exact in fp32 and the accumulation is fp32 either way); compiled kernels keep tensor-core dots.
-INTERPRETED = bool(triton.knobs.runtime.interpret)
-
-
-@triton.jit
-def _mma(a, b, UPCAST: tl.constexpr):
-    """fp32-accumulated a @ b."""
-    if UPCAST:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        out = tl.dot(a, b, input_precision="ieee")
-    return out
-
+from kernels.segments import SlotBuffers, StepMeta
+from kernels.triton_common import INTERPRETED, mma
 
 # ---------------------------------------------------------------------------------------- shrink
 @triton.jit
@@ -72,7 +52,7 @@ def _lora_shrink_seg_kernel(x_ptr, a_ptr, h_ptr, seg_starts, seg_lens, seg_slots
                          mask=mask_m[:, None] & mask_k[None, :], other=0.0)                     # [BM, BK]
             at = tl.load(a_ptr + j * sa_j + slot * sa_s + offs_r[None, :] * sa_r + offs_k[:, None] * sa_k,
                          mask=mask_r[None, :] & mask_k[:, None], other=0.0)                     # [BK, BR] = Aᵀ
-            acc += _mma(xt, at, UPCAST)
+            acc += mma(xt, at, UPCAST)
         tl.store(h_ptr + j * sh_j + rows[:, None] * sh_t + offs_r[None, :] * sh_r, acc,
                  mask=mask_m[:, None] & mask_r[None, :])
 
@@ -164,7 +144,7 @@ def _lora_expand_seg_kernel(h_ptr, b_ptr, y_ptr, seg_starts, seg_lens, seg_slots
                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)                        # [BM, BR] fp32
         bt = tl.load(b_ptr + slot * sb_s + cols[None, :] * sb_n + offs_r[:, None] * sb_r,
                      mask=mask_n[None, :] & mask_r[:, None], other=0.0)                        # [BR, BN] = Bᵀ
-        acc += _mma(ht.to(bt.dtype), bt, UPCAST)
+        acc += mma(ht.to(bt.dtype), bt, UPCAST)
     scale = tl.load(scales_ptr + j * sr_j + slot)
     _expand_epilogue(acc, rows[:, None], cols[None, :], mask_m[:, None] & mask_n[None, :], slot, scale,
                      y_ptr, sy_t, sy_n, bias_ptr, g_ptr, sbg_s, b0_ptr,
@@ -213,10 +193,6 @@ def alloc_shrink_buffer(bufs: SlotBuffers, max_tokens: int) -> torch.Tensor:
                        device=bufs.A_buf.device)
 
 
-def _block(n: int, lo: int = 16, hi: int = 64) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
-
-
 def lora_shrink(x: torch.Tensor, bufs: SlotBuffers, meta: StepMeta, h: torch.Tensor, form: str = "segments",
                 block_m: int = 16, block_r: int = 16, block_k: int = 64) -> torch.Tensor:
     """h[j, t, :r] = x[t] A_buf[j, slot(t), :r]ᵀ for every adapted (token, projection); h [n_slices, max_tokens,
@@ -228,7 +204,7 @@ def lora_shrink(x: torch.Tensor, bufs: SlotBuffers, meta: StepMeta, h: torch.Ten
     if form == "segments":
         if meta.max_seg_len == 0:
             return h
-        grid = (meta.max_segments, triton.cdiv(meta.max_seg_len, block_m), n_slices)
+        grid = (meta.num_groups, triton.cdiv(meta.max_seg_len, block_m), n_slices)
         _lora_shrink_seg_kernel[grid](x, A, h, meta.seg_starts, meta.seg_lens, meta.seg_slots, meta.num_segments,
                                       bufs.slot_ranks, *strides, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
                                       UPCAST=INTERPRETED)
@@ -268,7 +244,7 @@ def lora_expand(h: torch.Tensor, y: torch.Tensor, bufs: SlotBuffers, meta: StepM
     if form == "segments":
         if meta.max_seg_len == 0:
             return y
-        grid = (meta.max_segments, triton.cdiv(meta.max_seg_len, block_m) * n_col_tiles, n_slices)
+        grid = (meta.num_groups, triton.cdiv(meta.max_seg_len, block_m) * n_col_tiles, n_slices)
         _lora_expand_seg_kernel[grid](h, B, y, meta.seg_starts, meta.seg_lens, meta.seg_slots, meta.num_segments,
                                       *common, n_col_tiles, *strides, BLOCK_M=block_m, BLOCK_N=block_n,
                                       BLOCK_R=block_r, UPCAST=INTERPRETED, **flags)
@@ -287,102 +263,3 @@ def lora_apply(x: torch.Tensor, y: torch.Tensor, bufs: SlotBuffers, meta: StepMe
     """shrink + expand (accumulate): the Triton twin of `lora_shrink_expand_ref(x, y, meta, bufs, base_bias)`."""
     lora_shrink(x, bufs, meta, h, form)
     return lora_expand(h, y, bufs, meta, form, accumulate=True, base_bias=base_bias)
-
-
-# ---------------------------------------------------------------------------------------- VeRA
-@triton.jit
-def _vera_shrink_kernel(x_ptr, a_ptr, lam_ptr, h_ptr, token_slots, T, K, R,
-                        sx_t, sx_k, sa_r, sa_k, sl_s, sh_t, sh_r,
-                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
-    """h[t] = λ_d[slot(t)] ⊙ (x[t] A_lᵀ): one shared product over all tokens, gather-scale fused."""
-    pid_m, pid_r = tl.program_id(0), tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_m = offs_m < T
-    mask_r = offs_r < R
-    slots = tl.load(token_slots + offs_m, mask=mask_m, other=-1)
-    live = mask_m & (slots >= 0)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        xt = tl.load(x_ptr + offs_m[:, None] * sx_t + offs_k[None, :] * sx_k,
-                     mask=live[:, None] & mask_k[None, :], other=0.0)
-        at = tl.load(a_ptr + offs_r[None, :] * sa_r + offs_k[:, None] * sa_k,
-                     mask=mask_r[None, :] & mask_k[:, None], other=0.0)
-        acc += _mma(xt, at, UPCAST)
-    acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)        # x A_lᵀ in the input dtype, like the reference
-    lam = tl.load(lam_ptr + slots[:, None] * sl_s + offs_r[None, :],
-                  mask=live[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-    tl.store(h_ptr + offs_m[:, None] * sh_t + offs_r[None, :] * sh_r, lam * acc,
-             mask=live[:, None] & mask_r[None, :])
-
-
-@triton.jit
-def _vera_expand_kernel(h_ptr, b_ptr, lam_ptr, y_ptr, token_slots, T, N, R,
-                        sh_t, sh_r, sb_n, sb_r, sl_s, sy_t, sy_n,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr):
-    """y[t] += λ_b[slot(t)] ⊙ (h[t] B_lᵀ) for tokens with slot ≥ 0."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < T
-    mask_n = offs_n < N
-    slots = tl.load(token_slots + offs_m, mask=mask_m, other=-1)
-    live = mask_m & (slots >= 0)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        ht = tl.load(h_ptr + offs_m[:, None] * sh_t + offs_r[None, :] * sh_r,
-                     mask=live[:, None] & mask_r[None, :], other=0.0)
-        bt = tl.load(b_ptr + offs_n[None, :] * sb_n + offs_r[:, None] * sb_r,
-                     mask=mask_n[None, :] & mask_r[:, None], other=0.0)
-        acc += _mma(ht.to(bt.dtype), bt, UPCAST)
-    acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)        # u = (λ_d ⊙ h) B_lᵀ in the input dtype
-    mask = live[:, None] & mask_n[None, :]
-    lam = tl.load(lam_ptr + slots[:, None] * sl_s + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    y_ptrs = y_ptr + offs_m[:, None] * sy_t + offs_n[None, :] * sy_n
-    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, (y + lam * acc).to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def vera_shrink(x: torch.Tensor, A_l: torch.Tensor, lambda_d: torch.Tensor, token_slots: torch.Tensor,
-                h: torch.Tensor | None = None, block_m: int = 16, block_r: int = 16,
-                block_k: int = 64) -> torch.Tensor:
-    """h[t] = λ_d[token_slots[t]] ⊙ (x[t] A_lᵀ); x [T, in], A_l [r, in], lambda_d [max_slots, r] (per-slot
-    rows of the family's vectors), token_slots [T] int32 (−1: not in the family, row left untouched);
-    h [T, r] fp32. First half of `vera_family_ref`."""
-    T, K = x.shape
-    R = A_l.shape[0]
-    if h is None:
-        h = torch.zeros(T, R, dtype=torch.float32, device=x.device)
-    if T:
-        grid = (triton.cdiv(T, block_m), triton.cdiv(R, block_r))
-        _vera_shrink_kernel[grid](x, A_l, lambda_d, h, token_slots, T, K, R, x.stride(0), x.stride(1),
-                                  A_l.stride(0), A_l.stride(1), lambda_d.stride(0), h.stride(0), h.stride(1),
-                                  BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
-                                      UPCAST=INTERPRETED)
-    return h
-
-
-def vera_expand(h: torch.Tensor, y: torch.Tensor, B_l: torch.Tensor, lambda_b: torch.Tensor,
-                token_slots: torch.Tensor, out_start: int = 0, block_m: int = 16, block_n: int = 64,
-                block_r: int = 16) -> torch.Tensor:
-    """y[t, out_start:out_start+out] += λ_b[token_slots[t]] ⊙ (h[t] B_lᵀ); B_l [out, r], lambda_b
-    [max_slots, out]; rows with slot −1 untouched. Second half of `vera_family_ref`."""
-    T, R = h.shape
-    N = B_l.shape[0]
-    ys = y[:, out_start:out_start + N]
-    if T:
-        grid = (triton.cdiv(T, block_m), triton.cdiv(N, block_n))
-        _vera_expand_kernel[grid](h, B_l, lambda_b, ys, token_slots, T, N, R, h.stride(0), h.stride(1),
-                                  B_l.stride(0), B_l.stride(1), lambda_b.stride(0), ys.stride(0), ys.stride(1),
-                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, UPCAST=INTERPRETED)
-    return y
-
-
-def vera_apply(x: torch.Tensor, y: torch.Tensor, A_l: torch.Tensor, B_l: torch.Tensor, lambda_d: torch.Tensor,
-               lambda_b: torch.Tensor, token_slots: torch.Tensor, out_start: int = 0) -> torch.Tensor:
-    """y[t, cols] += λ_b[s] ⊙ ((λ_d[s] ⊙ (x[t] A_lᵀ)) B_lᵀ), s = token_slots[t] ≥ 0: `vera_family_ref`."""
-    return vera_expand(vera_shrink(x, A_l, lambda_d, token_slots), y, B_l, lambda_b, token_slots, out_start)
