@@ -82,14 +82,14 @@ def randlora_family_ref(x: torch.Tensor, y: torch.Tensor, rows: Rows, members: l
     xf = _take(x, rows)                                                    # [n, in]
     in_le_out = next(p.in_le_out for _, p in members if p is not None)
     if in_le_out:
-        h = torch.zeros(xf.shape[0], V.shape[1], dtype=xf.dtype)          # [n, r·nb]
+        h = torch.zeros(xf.shape[0], V.shape[1], dtype=xf.dtype, device=xf.device)   # [n, r·nb]
         for g_rows, piece in members:
             if piece is not None:
                 h[g_rows] = xf[g_rows] @ piece.U.T
         delta = h @ V.T                                                    # [n, out]
     else:
         p = xf @ V                                                         # [n, r·nb]
-        delta = torch.zeros(xf.shape[0], members_out(members), dtype=xf.dtype)
+        delta = torch.zeros(xf.shape[0], members_out(members), dtype=xf.dtype, device=xf.device)
         for g_rows, piece in members:
             if piece is not None:
                 delta[g_rows] = p[g_rows] @ piece.U
