@@ -18,7 +18,11 @@ of each token's slot from a `RandLoraStack` and the family's A [r, 1, min]:
               y[t, c]     += scale[s] · Σ_b Γ[s,b,c] Σ_i p[t, i·nb+b] λ[s,i,b] A[i,c]   (= p U, `randlora_gamma_expand`)
 The index k = i·nb + b of h/p pairs with column k of V = B_l.flatten(1) exactly as PEFT pairs them.
 `round` is a rounding to the input dtype, where the torch reference rounds its matmul outputs; the
-rest accumulates in fp32. Under RandLoRA the factored sum differs from x Uᵀ in fp32 rounding only.
+rest accumulates in fp32. Under RandLoRA the factored sum differs from x Uᵀ in fp32 rounding only, but
+that is not nothing: the same factored form in torch lands 1.0e-4 from PEFT's fp32 logits on SmolLM2
+(r32 on q/v), while PEFT's op order gives 0.0, and PEFT's own fp32 result is 2e-4 from an fp64 one. So
+the CPU path keeps PEFT's order (U per slot), and on a GPU, where U per slot would cost a base model's
+worth of memory per adapter, the factored kernels trade that last 1e-4 for memory.
 
 Worked example: a family with slots 2 and 5 holding rows 0–1 and 4 of a 6-row step:
     token_slots = [2, 2, −1, −1, 5, −1]; rows 2, 3, 5 are read as zeros and never written.
