@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from kernels.lora import LinearFactors, lora_rows_ref
-from kernels.shared_bases import randlora_family_ref, vera_family_ref
+from kernels.shared_bases import VeraStack, randlora_family_ref, vera_family_ref
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +47,7 @@ class FamilyRows:
 
 
 class FamilyLayers(Protocol):
-    def vera_vectors(self, family: str, layer_key: str) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]: ...
+    def vera_stack(self, family: str, layer_key: str) -> VeraStack | None: ...
     def randlora_slices(self, family: str, layer_key: str) -> set[tuple[int, int]]: ...
     def bases(self, family: str, out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -86,12 +86,10 @@ class AdapterBatch:
                 lora_rows_ref(x[rows], y[rows], layer.bias, factors)
 
     def _vera(self, family: FamilyRows, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
-        vectors = self.family_layers.vera_vectors(family.key, layer.key)
-        for (out_start, out_f), (lambda_d, lambda_b) in vectors.items():
-            A_l, B_l = self.family_layers.bases(family.key, out_f, layer.in_features)
-            vera_family_ref(x, y[:, out_start:out_start + out_f], family.rows, A_l, B_l,
-                            lambda_d.index_select(0, family.token_slots),
-                            lambda_b.index_select(0, family.token_slots))
+        stack = self.family_layers.vera_stack(family.key, layer.key)
+        if stack is not None:
+            A_l, B = self.family_layers.bases(family.key, stack.max_out, layer.in_features)
+            vera_family_ref(x, y, family.rows, family.token_slots, A_l, B, stack)
 
     def _randlora(self, family: FamilyRows, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
         for out_start, out_f in self.family_layers.randlora_slices(family.key, layer.key):

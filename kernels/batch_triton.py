@@ -6,7 +6,7 @@ work goes:
   LoRA / rsLoRA / AdaLoRA / DoRA: one shrink + expand launch pair per layer for all of the step's
     adapters, q/k/v (gate/up) as slices of the same launch; the token form for decode-only steps, the
     segment form when a prefill chunk is in the step;
-  VeRA: the fused gather-scale products, once per family and projection;
+  VeRA: one shared shrink and one expand launch per family and packed layer (all its projections);
   RandLoRA: the factored λ/Γ-gathering kernels, once per family and projection.
 The step's metadata and scratch live in the manager's `StepBuffers` (allocated once, filled per step).
 """
@@ -50,11 +50,11 @@ class TritonAdapterBatch(AdapterBatch):
             lora_apply(x, y, bufs, self.meta, h, self.form, base_bias=layer.bias)
 
     def _vera(self, family: FamilyRows, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
-        vectors = self.family_layers.vera_vectors(family.key, layer.key)
-        for (out_start, out_f), (lambda_d, lambda_b) in vectors.items():
-            A_l, B_l = self.family_layers.bases(family.key, out_f, layer.in_features)
+        stack = self.family_layers.vera_stack(family.key, layer.key)
+        if stack is not None:
+            A_l, B = self.family_layers.bases(family.key, stack.max_out, layer.in_features)
             h = self.buffers.family_scratch(A_l.shape[0])
-            vera_apply(x, y, A_l, B_l, lambda_d, lambda_b, self.token_slots[family.key], out_start, h)
+            vera_apply(x, y, A_l, B, stack, self.token_slots[family.key], h)
 
     def _randlora(self, family: FamilyRows, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
         for (out_start, out_f), stack in self.family_layers.randlora_stacks(family.key, layer.key).items():

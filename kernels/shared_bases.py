@@ -15,6 +15,49 @@ import torch
 Rows = slice | torch.Tensor
 
 
+class VeraStack:
+    """Every slot's VeRA vectors for one packed layer of one family, stacked so one gather (torch) or one
+    launch (Triton) serves all of the layer's projections:
+
+        lambda_d [n_slices, max_slots, r]   λ_d of projection j (q/k/v or gate/up) for each slot
+        lambda_b [max_slots, total_out]     λ_b laid out by the layer's packed output columns
+        out_starts / out_sizes [n_slices] int32, active [n_slices] int32 (1 = some loaded slot adapts j)
+    A slot that does not adapt projection j has zero vectors there and adds exactly nothing.
+    """
+
+    def __init__(self, out_slices: list[tuple[int, int]], num_slots: int, r: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        self.out_slices = list(out_slices)
+        self.total_out = max(start + size for start, size in out_slices)
+        self.max_out = max(size for _, size in out_slices)
+        i32 = dict(dtype=torch.int32, device=device)
+        self.lambda_d = torch.zeros(len(out_slices), num_slots, r, dtype=dtype, device=device)
+        self.lambda_b = torch.zeros(num_slots, self.total_out, dtype=dtype, device=device)
+        self.out_starts = torch.tensor([start for start, _ in out_slices], **i32)
+        self.out_sizes = torch.tensor([size for _, size in out_slices], **i32)
+        self.active = torch.zeros(len(out_slices), **i32)
+        self._users: list[set[int]] = [set() for _ in out_slices]   # slots adapting each projection
+
+    def write(self, slot: int, where: tuple[int, int], lambda_d: torch.Tensor, lambda_b: torch.Tensor) -> None:
+        j = self.out_slices.index(where)
+        self.lambda_d[j, slot].copy_(lambda_d)
+        self.lambda_b[slot, where[0]:where[0] + where[1]].copy_(lambda_b)
+        self._users[j].add(slot)
+        self.active[j] = 1
+
+    def clear(self, slot: int) -> None:
+        self.lambda_d[:, slot].zero_()
+        self.lambda_b[slot].zero_()
+        for j, users in enumerate(self._users):
+            users.discard(slot)
+            if not users:
+                self.active[j] = 0
+
+    def active_slices(self) -> list[tuple[int, tuple[int, int]]]:
+        """(j, (out_start, out_features)) of the projections some loaded slot adapts."""
+        return [(j, where) for j, where in enumerate(self.out_slices) if self._users[j]]
+
+
 @dataclass(slots=True)
 class RandLoraStack:
     """Every slot's trained RandLoRA factors for one projection of one family, stacked so a kernel can
@@ -58,16 +101,22 @@ def _add_rows(y: torch.Tensor, rows: Rows, delta: torch.Tensor) -> None:
         y.index_add_(0, rows, delta)
 
 
-def vera_family_ref(x: torch.Tensor, y: torch.Tensor, rows: Rows, A_l: torch.Tensor, B_l: torch.Tensor,
-                    lambda_d: torch.Tensor, lambda_b: torch.Tensor) -> None:
-    """y[rows] += λ_b[t] ⊙ ((λ_d[t] ⊙ (x[rows] A_lᵀ)) B_lᵀ)   — two shared products, two per-token scalings.
+def vera_family_ref(x: torch.Tensor, y: torch.Tensor, rows: Rows, token_slots: torch.Tensor, A_l: torch.Tensor,
+                    B: torch.Tensor, stack: VeraStack) -> None:
+    """For each projection j of the layer that the family adapts, with s = the token's slot:
+        y[rows, cols_j] += λ_b[s, cols_j] ⊙ ((λ_d[j, s] ⊙ (x[rows] A_lᵀ)) B[:out_j]ᵀ)
+    x A_lᵀ is one product for every projection and every adapter of the family (A_l depends only on
+    the layer's input size); B[:out_j]ᵀ is one product per projection for all the family's tokens.
 
-    x [T, in]; y [T, out] (the projection's columns); A_l [r, in], B_l [out, r] (family bases, PEFT's
-    slices); lambda_d [n, r], lambda_b [n, out]: each of the n family tokens' own adapter vectors.
+    x [T, in]; y [T, total_out] (the packed layer output); rows: the family's rows; token_slots [n]:
+    their slots; A_l [r, in], B [≥ max out_j, r] (PEFT's slices: B_l of projection j is B[:out_j]).
     """
-    h = _take(x, rows) @ A_l.T                  # [n, r]   shared by every adapter of the family
-    u = (lambda_d * h) @ B_l.T                  # [n, out] shared
-    _add_rows(y, rows, lambda_b * u)
+    h = _take(x, rows) @ A_l.T                                  # [n, r]   shared by the whole layer
+    for j, (out_start, out_f) in stack.active_slices():
+        lambda_d = stack.lambda_d[j].index_select(0, token_slots)
+        lambda_b = stack.lambda_b[:, out_start:out_start + out_f].index_select(0, token_slots)
+        u = (lambda_d * h) @ B[:out_f].T                        # [n, out] shared
+        _add_rows(y[:, out_start:out_start + out_f], rows, lambda_b * u)
 
 
 def randlora_family_ref(x: torch.Tensor, y: torch.Tensor, rows: Rows, members: list, V: torch.Tensor) -> None:

@@ -8,7 +8,9 @@ row's slot, −1 for rows outside the family (no work, rows untouched).
 Two generic gathered products (λ strides may be 0 to broadcast a per-slot scalar or a constant):
     gathered_shrink: h[t, :R]      = λ[s, :R] ⊙ round(x[t] Wᵀ)          W [R, K]   (h fp32 scratch)
     gathered_expand: y[t, cols]   += λ[s, cols] ⊙ round(h[t] Wᵀ)        W [N, R]
-  VeRA (`vera_apply`):   W = A_l then B_l, λ = λ_d then λ_b (ADAPTERS.md §3).
+VeRA (`vera_apply`, ADAPTERS.md §3): h = gathered_shrink(x, A_l) without λ, once per packed layer (A_l
+depends only on the input size), then one launch over every projection j of the layer:
+    y[t, cols_j] += λ_b[s, cols_j] ⊙ round(round(λ_d[j, s] ⊙ h[t]) B[:out_j]ᵀ)
 RandLoRA (ADAPTERS.md §4.3) never builds an adapter's U = λ ⊙ A ⊙ Γ, which is [r·nb, min] per projection
 (as large as the base weight for square layers); its kernels read the trained λ [r, nb] and Γ [nb, min]
 of each token's slot from a `RandLoraStack` and the family's A [r, 1, min]:
@@ -34,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.shared_bases import RandLoraStack
+from kernels.shared_bases import RandLoraStack, VeraStack
 from kernels.triton_common import INTERPRETED, mma
 
 
@@ -144,13 +146,61 @@ def gathered_expand(h: torch.Tensor, y: torch.Tensor, W: torch.Tensor, lam: torc
 
 
 # ---------------------------------------------------------------------------------------- VeRA
-def vera_apply(x: torch.Tensor, y: torch.Tensor, A_l: torch.Tensor, B_l: torch.Tensor, lambda_d: torch.Tensor,
-               lambda_b: torch.Tensor, token_slots: torch.Tensor, out_start: int = 0,
-               h: torch.Tensor | None = None) -> torch.Tensor:
-    """y[t, cols] += λ_b[s] ⊙ ((λ_d[s] ⊙ (x[t] A_lᵀ)) B_lᵀ), s = token_slots[t] ≥ 0: `vera_family_ref`.
-    A_l [r, in], B_l [out, r], lambda_d [max_slots, r], lambda_b [max_slots, out]."""
-    h = gathered_shrink(x, A_l, lambda_d, token_slots, h)
-    return gathered_expand(h, y, B_l, lambda_b, token_slots, out_start)
+@triton.jit
+def _vera_expand_kernel(h_ptr, b_ptr, lam_d_ptr, lam_b_ptr, y_ptr, token_slots, out_starts, out_sizes, active,
+                        T, R, sh_t, sh_r, sb_n, sb_r, sd_j, sd_s, sd_r, sl_s, sl_n, sy_t, sy_n,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr):
+    """y[t, c0_j + n] += λ_b[s, c0_j + n] · round(Σ_r round(λ_d[j, s, r] · h[t, r]) · B[n, r]), program (m, n, j):
+    every projection j of a packed layer in one launch (B_l of j is B[:out_j])."""
+    pid_m, pid_n, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if tl.load(active + j) == 0:
+        return
+    out_size = tl.load(out_sizes + j)
+    if pid_n * BLOCK_N >= out_size:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < T
+    mask_n = offs_n < out_size
+    slots = tl.load(token_slots + offs_m, mask=mask_m, other=-1)
+    live = mask_m & (slots >= 0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        mask_mr = live[:, None] & mask_r[None, :]
+        ht = tl.load(h_ptr + offs_m[:, None] * sh_t + offs_r[None, :] * sh_r, mask=mask_mr, other=0.0)
+        lam_d = tl.load(lam_d_ptr + j * sd_j + slots[:, None] * sd_s + offs_r[None, :] * sd_r,
+                        mask=mask_mr, other=0.0).to(tl.float32)
+        bt = tl.load(b_ptr + offs_n[None, :] * sb_n + offs_r[:, None] * sb_r,
+                     mask=mask_n[None, :] & mask_r[:, None], other=0.0)                     # [BR, BN] = B_lᵀ
+        acc += mma((lam_d * ht).to(bt.dtype), bt, UPCAST)                                  # λ_d ⊙ h in B's dtype
+    acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)                                    # u in the input dtype
+    cols = tl.load(out_starts + j) + offs_n
+    mask = live[:, None] & mask_n[None, :]
+    lam_b = tl.load(lam_b_ptr + slots[:, None] * sl_s + cols[None, :] * sl_n, mask=mask, other=0.0).to(tl.float32)
+    y_ptrs = y_ptr + offs_m[:, None] * sy_t + cols[None, :] * sy_n
+    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + lam_b * acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def vera_apply(x: torch.Tensor, y: torch.Tensor, A_l: torch.Tensor, B: torch.Tensor, stack: VeraStack,
+               token_slots: torch.Tensor, h: torch.Tensor | None = None, block_m: int = 16, block_n: int = 64,
+               block_r: int = 16) -> torch.Tensor:
+    """`vera_family_ref` for the rows with token_slots ≥ 0, all projections of the layer in one expand launch:
+    h = round(x A_lᵀ) once (shared by every projection and adapter), then per projection j
+    y[t, cols_j] += λ_b[s, cols_j] ⊙ ((λ_d[j, s] ⊙ h[t]) B[:out_j]ᵀ). x [T, in], y [T, total_out], A_l [r, in],
+    B [≥ max out_j, r]; h: fp32 scratch of at least [T, r] (allocated when None)."""
+    T, R = x.shape[0], A_l.shape[0]
+    h = gathered_shrink(x, A_l, None, token_slots, h)
+    if T:
+        grid = (triton.cdiv(T, block_m), triton.cdiv(stack.max_out, block_n), len(stack.out_slices))
+        _vera_expand_kernel[grid](h, B, stack.lambda_d, stack.lambda_b, y, token_slots, stack.out_starts,
+                                  stack.out_sizes, stack.active, T, R, h.stride(0), h.stride(1),
+                                  B.stride(0), B.stride(1), *stack.lambda_d.stride(), *stack.lambda_b.stride(),
+                                  y.stride(0), y.stride(1),
+                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, UPCAST=INTERPRETED)
+    return y
 
 
 # ---------------------------------------------------------------------------------------- RandLoRA

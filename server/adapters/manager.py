@@ -19,7 +19,7 @@ from kernels.batch import AdapterBatch, FamilyRows, TokenGroup
 from kernels.backend import BACKENDS
 from kernels.lora import LinearFactors, RandLoraSlice, VeraSlice
 from kernels.segments import StepBuffers
-from kernels.shared_bases import RandLoraStack
+from kernels.shared_bases import RandLoraStack, VeraStack
 from kernels.slot_store import LoraSlotStore
 from server.adapters.families import FamilyCache
 from server.adapters.host_cache import HostCache
@@ -27,8 +27,6 @@ from server.adapters.merge import WeightMerger
 from server.adapters.packing import pack_adapter
 from server.adapters.slot_table import SlotTable
 from server.model.layers import AdaptedLinear
-
-VeraVectors = dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 class AdapterManager:
@@ -47,8 +45,9 @@ class AdapterManager:
         num = table.num_slots
         self.slot_factors: list[dict[str, LinearFactors] | None] = [None] * num
         self.slot_family: list[tuple[str, str] | None] = [None] * num   # (kind, family key) or None
-        # VeRA vectors of every slot, stacked per family/layer/projection so one gather serves a step.
-        self._vera: dict[str, dict[str, VeraVectors]] = {}
+        self._linears = {linear.key: linear for linear in linears}
+        # VeRA vectors of every slot, stacked per family and packed layer so one gather serves a step.
+        self._vera: dict[str, dict[str, VeraStack]] = {}
         self._randlora: dict[str, dict[str, set[tuple[int, int]]]] = {}
         self._randlora_stacks: dict[str, dict[str, dict[tuple[int, int], RandLoraStack]]] = {}   # triton only
         self.loads = 0
@@ -81,10 +80,8 @@ class AdapterManager:
     def _unload(self, slot: int) -> None:
         previous = self.slot_family[slot]
         if previous is not None:
-            for per_layer in self._vera.get(previous[1], {}).values():
-                for lambda_d, lambda_b in per_layer.values():
-                    lambda_d[slot].zero_()
-                    lambda_b[slot].zero_()
+            for stack in self._vera.get(previous[1], {}).values():
+                stack.clear(slot)
             for per_layer in self._randlora_stacks.get(previous[1], {}).values():
                 for stack in per_layer.values():
                     stack.clear(slot)
@@ -104,14 +101,12 @@ class AdapterManager:
             for piece in linear.slices:
                 where = (piece.out_start, piece.out_features)
                 if isinstance(piece, VeraSlice):
-                    per_layer = self._vera.setdefault(key, {}).setdefault(layer_key, {})
-                    if where not in per_layer:
-                        per_layer[where] = (torch.zeros(num, piece.lambda_d.shape[0], dtype=self.dtype,
-                                                        device=self.device),
-                                            torch.zeros(num, piece.out_features, dtype=self.dtype,
-                                                        device=self.device))
-                    per_layer[where][0][slot] = piece.lambda_d
-                    per_layer[where][1][slot] = piece.lambda_b
+                    per_family = self._vera.setdefault(key, {})
+                    if layer_key not in per_family:
+                        out_slices = [(s.out_start, s.out_features) for s in self._linears[layer_key].slices]
+                        per_family[layer_key] = VeraStack(out_slices, num, piece.lambda_d.shape[0], self.dtype,
+                                                          self.device)
+                    per_family[layer_key].write(slot, where, piece.lambda_d, piece.lambda_b)
                 elif isinstance(piece, RandLoraSlice):
                     self._randlora.setdefault(key, {}).setdefault(layer_key, set()).add(where)
                     if self.backend == "triton":
@@ -125,8 +120,8 @@ class AdapterManager:
         return per_layer[where]
 
     # ---- FamilyLayers protocol (used by AdapterBatch) --------------------------------------
-    def vera_vectors(self, family: str, layer_key: str) -> VeraVectors:
-        return self._vera.get(family, {}).get(layer_key, {})
+    def vera_stack(self, family: str, layer_key: str) -> VeraStack | None:
+        return self._vera.get(family, {}).get(layer_key)
 
     def randlora_slices(self, family: str, layer_key: str) -> set[tuple[int, int]]:
         return self._randlora.get(family, {}).get(layer_key, set())

@@ -78,7 +78,7 @@ def test_triton_kernels_in_a_fresh_interpreted_process():
 @interpreted
 def test_kernels_are_interpreted():
     kernels = [v for m in (LORA_OPS, SB_OPS) for k, v in vars(m).items() if k.startswith("_") and k.endswith("_kernel")]
-    assert len(kernels) == 8 and all(isinstance(k, InterpretedFunction) for k in kernels)
+    assert len(kernels) == 9 and all(isinstance(k, InterpretedFunction) for k in kernels)
     assert COMMON.INTERPRETED and isinstance(COMMON.mma, InterpretedFunction)
 
 
@@ -158,34 +158,54 @@ def test_lora_expand_overwrite_mode_writes_only_adapted_entries():
         assert torch.equal(got[~adapted], y0[~adapted])
 
 
-# VeRA: shared bases A_l [r, in], B_l [out, r]; per-slot λ_d [max_slots, r], λ_b [max_slots, out].
+# VeRA: shared bases A_l [r, in], B [max out, r] (B_l of projection j = B[:out_j]); a VeraStack over the
+# layer's packed projections, where slot 3 adapts only the first projection and, in the packed cases, no
+# slot adapts the last one (inactive: no work, columns untouched).
 VERA_CASES = {
-    "r13-in97-out576-interleaved": dict(r=13, in_f=97, out=576, slots=[0, -1, 2, 2, -1, 1, 0, 3], dtype=torch.float32),
-    "r64-in576-out97-single": dict(r=64, in_f=576, out=97, slots=[2], dtype=torch.float32),
-    "r8-in64-out64-bf16": dict(r=8, in_f=64, out=64, slots=[1, 1, -1, 0, 3, 3, 3, -1, 2] * 2, dtype=torch.bfloat16),
+    "r13-in97-out576-interleaved": dict(r=13, in_f=97, outs=[576], slots=[0, -1, 2, 2, -1, 1, 0, 3],
+                                        dtype=torch.float32),
+    "r64-in576-out97-single": dict(r=64, in_f=576, outs=[97], slots=[2], dtype=torch.float32),
+    "r8-qkv-packed": dict(r=8, in_f=64, outs=[64, 33, 33], slots=[1, 3, -1, 0, 0, 2, -1, 3], dtype=torch.float32),
+    "r1-gate-up-packed": dict(r=1, in_f=97, outs=[97, 97], slots=[2, -1, 0], dtype=torch.float32),
+    "r8-in64-out64-bf16": dict(r=8, in_f=64, outs=[64], slots=[1, 1, -1, 0, 3, 3, 3, -1, 2] * 2,
+                               dtype=torch.bfloat16),
+    "r13-qkv-packed-bf16": dict(r=13, in_f=97, outs=[97, 64, 64], slots=[0, 3, 3, -1, 1, 2, 2],
+                                dtype=torch.bfloat16),
 }
 
 
 @interpreted
 @pytest.mark.parametrize("name", list(VERA_CASES))
-def test_vera_fused_gather_scale_equals_reference(name):
+def test_vera_packed_gather_scale_equals_reference(name):
+    from kernels.shared_bases import VeraStack
+
     c = VERA_CASES[name]
     gen = torch.Generator().manual_seed(2)
-    dtype, r, T = c["dtype"], c["r"], len(c["slots"])
+    dtype, r, T, outs = c["dtype"], c["r"], len(c["slots"]), c["outs"]
+    out_slices, start = [], 7                           # the layer's packed output starts at column 7 of y
+    for size in outs:
+        out_slices.append((start, size))
+        start += size
     A_l = (torch.randn(r, c["in_f"], generator=gen) / c["in_f"] ** 0.5).to(dtype)
-    B_l = (torch.randn(c["out"], r, generator=gen) / r ** 0.5).to(dtype)
-    lam_d = (torch.rand(4, r, generator=gen) + 0.5).to(dtype)
-    lam_b = torch.randn(4, c["out"], generator=gen).to(dtype)
+    B = (torch.randn(max(outs), r, generator=gen) / r ** 0.5).to(dtype)
+    stack = VeraStack(out_slices, 4, r, dtype)
+    adapted = out_slices[:-1] if len(out_slices) > 1 else out_slices
+    for slot in range(4):
+        for where in (adapted[:1] if slot == 3 else adapted):
+            stack.write(slot, where, (torch.rand(r, generator=gen) + 0.5).to(dtype),
+                        torch.randn(where[1], generator=gen).to(dtype))
     x = torch.randn(T, c["in_f"], generator=gen).to(dtype)
-    y0 = torch.randn(T, 7 + c["out"], generator=gen).to(dtype)     # the projection sits at column 7
+    y0 = torch.randn(T, start + 5, generator=gen).to(dtype)
     slots = torch.tensor(c["slots"], dtype=torch.int32)
     rows = torch.nonzero(slots >= 0).flatten()
     ref = y0.clone()
-    fam = slots[rows].long()
-    vera_family_ref(x, ref[:, 7:], rows, A_l, B_l, lam_d[fam], lam_b[fam])
-    got = SB_OPS.vera_apply(x, y0.clone(), A_l, B_l, lam_d, lam_b, slots, out_start=7)
+    vera_family_ref(x, ref, rows, slots[rows].long(), A_l, B, stack)
+    got = SB_OPS.vera_apply(x, y0.clone(), A_l, B, stack, slots)
     _close(got, ref, y0, dtype)
-    assert torch.equal(got[:, :7], y0[:, :7]) and torch.equal(got[slots < 0], y0[slots < 0])
+    untouched = torch.ones_like(y0, dtype=torch.bool)
+    for out_start, size in adapted:
+        untouched[rows, out_start:out_start + size] = False
+    assert torch.equal(got[untouched], y0[untouched]), "base rows, other columns and inactive projections stay"
 
 
 # RandLoRA: family bases A_l [r, 1, min], V [max, nb·r]; per-slot λ [r, nb], Γ [nb, min] (fp32), scale.
