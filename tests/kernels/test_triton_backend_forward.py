@@ -3,7 +3,9 @@
 A tiny random Llama (with biases, so DoRA's base-bias term and lora_bias are exercised) runs one prefill
 whose rows use LoRA (+bias), DoRA, rsLoRA of rank 80 (> the slot buffers' initial 64: they grow, copying
 the slots loaded before), VeRA, RandLoRA and the base model, interleaved, in the segment form (prefill)
-and the per-token form (decode-only steps), the second reusing the step buffers the first sized. The
+and the per-token form (decode-only steps), the second reusing the step buffers the first sized; then
+the whole engine generates the same greedy tokens on both backends for staggered requests of those
+adapters, so decode-only steps (token form) and prefill steps (segment form) both run. The
 triton side runs under
 Triton's interpreter, which must be on before triton is first imported in a process; this pytest process
 may already hold a compiled triton, so the comparison runs in a fresh subprocess (`python -m` this module)
@@ -121,9 +123,10 @@ def main(workdir: Path) -> None:
     model = load_model(model_dir, torch.float32, 64)
     spec = base_model_spec(model.adapted_linears(), 128, 2**30)
     parsed = {}
+    files = {}
     for i, (name, config) in enumerate(configs.items()):
-        config_bytes, weights = save_peft_adapter(hf, config, workdir / name, seed=20 + i, scale=0.2)
-        parsed[name] = parse_adapter(config_bytes, weights, spec)
+        files[name] = save_peft_adapter(hf, config, workdir / name, seed=20 + i, scale=0.2)
+        parsed[name] = parse_adapter(*files[name], spec)
     groups = [("lora-bias", 0, 3), (None, 3, 5), ("vera", 5, 9), ("dora", 9, 14), ("rslora-r80", 14, 17),
               ("randlora", 17, 22), (None, 22, 24), ("lora-bias", 24, 30), ("vera", 30, 33), ("dora", 33, 34)]
     ids = torch.randint(0, 300, (34,), generator=torch.Generator().manual_seed(3))
@@ -160,7 +163,48 @@ def main(workdir: Path) -> None:
     print(f"max |triton - torch| = {err:.3g} (token form)")
     assert err < 1e-4, err
     assert buffers.allocations == allocations and (buffers.lora_h.data_ptr(), buffers.family_h.data_ptr()) == pointers
+    _engine_runs_agree(model_dir, files, workdir)
     print("EQUAL")
+
+
+def _engine_runs_agree(model_dir: Path, files: dict, workdir: Path) -> None:
+    """The whole engine (runner → plan → kernels, decode-only steps in the token form, prefill steps in the
+    segment form) generates the same greedy tokens on both backends, staggered so steps mix phases."""
+    import shutil
+
+    import kernels.batch_triton as batch_triton
+    from server.config import EngineConfig, ServerConfig
+    from server.demo_model import DEMO_MODEL_DIR
+    from server.runtime import BACKEND_ENV, build_runtime
+    from tests.conftest import drive, make_request
+
+    shutil.copy(DEMO_MODEL_DIR / "tokenizer.json", model_dir / "tokenizer.json")   # ids < 300 decode fine
+    forms: list[str] = []
+    real_apply = batch_triton.lora_apply
+    batch_triton.lora_apply = lambda *a, **kw: (forms.append(a[5]), real_apply(*a, **kw))[1]
+    tokens = {}
+    for backend in ("torch", "triton"):
+        os.environ[BACKEND_ENV] = backend
+        runtime = build_runtime(ServerConfig(
+            model=model_dir, dtype="float32", adapters_dir=workdir / f"store-{backend}",
+            engine=EngineConfig(max_model_len=64, max_num_seqs=6, max_batched_tokens=64, kv_cache_gb=0.01)))
+        assert runtime.engine.runner.adapters.backend == backend
+        for name, (config_bytes, weights) in files.items():
+            runtime.adapters.upload(name, config_bytes, weights)
+        gen = torch.Generator().manual_seed(5)
+        schedule, sinks = {}, {}
+        for i, name in enumerate(["lora-bias", "vera", None, "randlora", "dora", "rslora-r80"]):
+            prompt = torch.randint(3, 300, (5 + i,), generator=gen).tolist()
+            request, sinks[i] = make_request(f"r{i}", prompt, max_tokens=6, ignore_eos=True)
+            request.adapter_version = None if name is None else runtime.adapters.retain(name)
+            request.mode = "gathered"                                 # the kernels, not a merged phase
+            schedule.setdefault(2 * (i // 2), []).append(request)    # pairs arrive every other step
+        drive(runtime, schedule)
+        tokens[backend] = {i: sink.token_ids for i, sink in sinks.items()}
+    print(f"engine tokens (triton): {tokens['triton']}")
+    assert tokens["triton"] == tokens["torch"] and all(len(t) == 6 for t in tokens["torch"].values())
+    assert {"tokens", "segments"} <= set(forms), f"forms used: {set(forms)}"
+
 
 
 if __name__ == "__main__":
