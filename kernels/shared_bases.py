@@ -128,8 +128,11 @@ def randlora_family_ref(x: torch.Tensor, y: torch.Tensor, rows: Rows, members: l
     V [max_l, nb·r] is the family's flattened basis, already sliced to this layer (PEFT's pairing of
     U's rows with V's columns, ADAPTERS.md §4.3).
     """
+    adapting = [p for _, p in members if p is not None]
+    if not adapting:   # only another loaded adapter of the family targets this projection
+        return
     xf = _take(x, rows)                                                    # [n, in]
-    in_le_out = next(p.in_le_out for _, p in members if p is not None)
+    in_le_out = adapting[0].in_le_out
     if in_le_out:
         h = torch.zeros(xf.shape[0], V.shape[1], dtype=xf.dtype, device=xf.device)   # [n, r·nb]
         for g_rows, piece in members:

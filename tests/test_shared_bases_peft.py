@@ -119,6 +119,41 @@ def test_everything_in_one_batch_equals_alone(demo_runtime, shared_adapters, hf_
     assert [sink.token_ids for _, sink in pairs] == expected
 
 
+@pytest.mark.parametrize("kind", ["vera", "randlora"])
+def test_one_family_adapters_with_different_targets(demo_runtime, hf_demo_model, tmp_path, kind):
+    """Same seed, rank and projection shapes but different target modules: one family. A step holding only
+    one adapter's tokens, while the other sits in a slot, must skip the projections only the other adapts
+    (and still equal PEFT)."""
+    from peft import RandLoraConfig, VeraConfig
+    make = (lambda targets: VeraConfig(r=16, target_modules=targets, projection_prng_key=21)) if kind == "vera" \
+        else (lambda targets: RandLoraConfig(r=16, randlora_alpha=32, target_modules=targets, projection_prng_key=21))
+    infos, dirs = {}, {}
+    for i, targets in enumerate([["q_proj"], ["o_proj"]]):
+        dirs[i] = tmp_path / f"{kind}-{i}"
+        infos[i] = demo_runtime.adapters.upload(f"fam-{kind}-{i}", *save_peft_adapter(
+            hf_demo_model, make(targets), dirs[i], seed=60 + i, scale=0.05))
+    assert infos[0].family == infos[1].family, "the two must share one projection family"
+    ids = demo_runtime.tokenizer.encode_chat([{"role": "user", "content": "Name a mountain."}])
+
+    def run(adapters: list[int]) -> list[list[int]]:
+        pairs = []
+        for k, i in enumerate(adapters):
+            request, sink = make_request(f"fam{kind}{k}{len(adapters)}", ids, max_tokens=6, ignore_eos=True)
+            request.adapter_version = demo_runtime.adapters.retain(infos[i].adapter_id)
+            request.mode = "gathered"
+            pairs.append((request, sink))
+        drive(demo_runtime, {0: [request for request, _ in pairs]})
+        return [sink.token_ids for _, sink in pairs]
+
+    both = run([0, 1])                      # loads both into slots
+    only_second = run([1])                  # the first stays in its slot; the step has only o_proj's adapter
+    peft_model = load_peft(hf_demo_model, dirs[1])
+    with torch.no_grad():
+        expected = peft_model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6,
+                                       do_sample=False, pad_token_id=2)[0, len(ids):].tolist()
+    assert only_second == [expected] and both[1] == expected
+
+
 @pytest.mark.parametrize("kind", ["vera", "randlora-dense", "randlora-sparse"])
 def test_tiny_llama_all_targets_including_wide_inputs(tmp_path, kind):
     """down_proj has in > out: RandLoRA's other branch; VeRA slices A and B differently per layer."""
