@@ -42,7 +42,7 @@ class FamilyRows:
     """The tokens of one VeRA/RandLoRA projection family in this step.
 
     Example: groups (3, 0, 2), (5, 4, 6) of one family give rows = tensor([0, 1, 4, 5]),
-    token_slots = tensor([3, 3, 5, 5]), members = [(slice(0, 2), 3), (slice(2, 4), 5)].
+    token_slots = tensor([3, 3, 5, 5]), members = [(slice(0, 2), 3), (slice(2, 4), 5)], span = (0, 6).
     """
 
     kind: str                                # "vera" | "randlora"
@@ -50,6 +50,7 @@ class FamilyRows:
     rows: slice | torch.Tensor               # the family's rows in the packed batch
     token_slots: torch.Tensor                # [n] adapter slot of each of those rows
     members: list[tuple[slice, int]]         # (rows within the family's tokens, slot)
+    span: tuple[int, int] = (0, 0)           # [first row, last row + 1] of the family (host ints)
 
 
 class FamilyLayers(Protocol):

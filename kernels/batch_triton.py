@@ -40,7 +40,9 @@ class TritonAdapterBatch(AdapterBatch):
         self.form = "tokens" if decode_only else "segments"
         # Once per step, shared by every layer: the LoRA grouping and each family's token→slot row.
         self.meta = buffers.fill_meta([(g.slot, g.start, g.end) for g in groups], num_tokens) if groups else None
-        self.token_slots = {f.key: buffers.fill_family(i, f.rows, f.token_slots, num_tokens)
+        # Each family's kernels cover only its span of rows (a VeRA decode family inside a long prefill
+        # step launches over its few rows, not all of them); rows in the span outside the family are −1.
+        self.token_slots = {f.key: buffers.fill_family(i, f.rows, f.token_slots, num_tokens)[f.span[0]:f.span[1]]
                             for i, f in enumerate(families)}
 
     def _lora(self, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -54,10 +56,12 @@ class TritonAdapterBatch(AdapterBatch):
         if stack is not None:
             A_l, B = self.family_layers.bases(family.key, stack.max_out, layer.in_features)
             h = self.buffers.family_scratch(A_l.shape[0])
-            vera_apply(x, y, A_l, B, stack, self.token_slots[family.key], h)
+            rows = slice(*family.span)
+            vera_apply(x[rows], y[rows], A_l, B, stack, self.token_slots[family.key], h)
 
     def _randlora(self, family: FamilyRows, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
         for (out_start, out_f), stack in self.family_layers.randlora_stacks(family.key, layer.key).items():
             A_l, V = self.family_layers.bases(family.key, out_f, layer.in_features)
             h = self.buffers.family_scratch(V.shape[1])
-            randlora_apply(x, y, A_l, V, stack, self.token_slots[family.key], out_start, h)
+            rows = slice(*family.span)
+            randlora_apply(x[rows], y[rows], A_l, V, stack, self.token_slots[family.key], out_start, h)

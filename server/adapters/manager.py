@@ -188,4 +188,5 @@ def _family_rows(kind: str, key: str, groups: list[TokenGroup], device: torch.de
     rows = (slice(groups[0].start, groups[-1].end) if contiguous
             else torch.tensor([i for g in groups for i in range(g.start, g.end)], device=device))
     token_slots = torch.tensor([g.slot for g in groups for _ in range(g.start, g.end)], device=device)
-    return FamilyRows(kind, key, rows, token_slots, members)
+    span = (min(g.start for g in groups), max(g.end for g in groups))
+    return FamilyRows(kind, key, rows, token_slots, members, span)
