@@ -10,11 +10,13 @@ ranks 8–64 (the "8-64" row mixes them); hidden 4096 with q/k/v = 4096/1024/102
 On CPU only the naive and torch-ref columns run, at small sizes (hidden 256, fp32); Triton needs a GPU.
 
 Usage: python benchmarks/kernels.py [--repeats 10]
+       TRITON_INTERPRET=1 python benchmarks/kernels.py --interpret --repeats 1   (GPU code path check on a CPU)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -77,7 +79,7 @@ def layout(tokens: int, n_adapters: int, phase: str) -> tuple[torch.Tensor, list
 
 
 def run_case(phase: str, tokens: int, n_adapters: int, ranks: list[int], hidden: int, out_slices, dtype, device,
-             repeats: int) -> list[object]:
+             repeats: int, with_triton: bool) -> list[object]:
     adapters = make_adapters(n_adapters, ranks, hidden, out_slices, dtype, device)
     total = max(s + o for s, o in out_slices)
     x = torch.randn(tokens, hidden, device=device, dtype=dtype)
@@ -92,7 +94,7 @@ def run_case(phase: str, tokens: int, n_adapters: int, ranks: list[int], hidden:
     t_naive = timed(lambda: naive(x, y, slots_dev, adapters))
     t_ref = timed(lambda: torch_ref(x, y, groups, adapters))
     row = [phase, tokens, n_adapters, "-".join(map(str, sorted(set(ranks)))), t_naive, t_ref]
-    if not CUDA:
+    if not with_triton:
         return row + ["n/a", t_naive / t_ref, "n/a"]
     from kernels import lora_triton
     bufs = alloc_slot_buffers(hidden, out_slices, n_adapters, max(ranks), dtype, device)
@@ -101,6 +103,12 @@ def run_case(phase: str, tokens: int, n_adapters: int, ranks: list[int], hidden:
     meta = build_step_meta(groups, tokens, device=device)
     h = lora_triton.alloc_shrink_buffer(bufs, tokens)
     form = "tokens" if phase == "decode" else "segments"
+    # Time only what computes the same thing: the Triton delta must equal the reference's first.
+    expected, got = torch.zeros_like(y), torch.zeros_like(y)
+    torch_ref(x, expected, groups, adapters)
+    lora_triton.lora_apply(x, got, bufs, meta, h, form)
+    tolerance = 1e-4 if dtype == torch.float32 else 3 * torch.finfo(dtype).eps * float(expected.abs().max())
+    assert (got.float() - expected.float()).abs().max() <= tolerance, f"{phase} {tokens} {n_adapters}: triton != ref"
     t_triton = timed(lambda: lora_triton.lora_apply(x, y, bufs, meta, h, form))
     return row + [t_triton, t_naive / t_ref, t_ref / t_triton]
 
@@ -108,7 +116,12 @@ def run_case(phase: str, tokens: int, n_adapters: int, ranks: list[int], hidden:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--interpret", action="store_true",
+                        help="also run the Triton rows on the CPU under TRITON_INTERPRET=1 at the small sizes: checks "
+                             "the GPU code path end to end (its timings mean nothing)")
     args = parser.parse_args()
+    if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("--interpret needs TRITON_INTERPRET=1 in the environment (set before triton is imported)")
     report_idle()
     if CUDA:
         device, dtype, hidden = "cuda", torch.bfloat16, 4096
@@ -129,7 +142,8 @@ def main() -> None:
                 if n > tokens:
                     continue
                 for ranks in rank_sets:
-                    rows.append(run_case(phase, tokens, n, ranks, hidden, out_slices, dtype, device, args.repeats))
+                    rows.append(run_case(phase, tokens, n, ranks, hidden, out_slices, dtype, device, args.repeats,
+                                         with_triton=CUDA or args.interpret))
     print_table(["phase", "tokens", "adapters", "rank", "naive ms", "torch-ref ms", "triton ms",
                  "naive/ref", "ref/triton"], rows)
 
