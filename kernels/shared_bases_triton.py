@@ -42,6 +42,14 @@ from kernels.triton_common import INTERPRETED, mma
 
 # ---------------------------------------------------------------------------------------- generic
 @triton.jit
+def _row_tile(token_slots, pid_m, T, BLOCK_M: tl.constexpr):
+    """Rows of tile pid_m, their slots (−1 past T), and which of them belong to the family (slot ≥ 0)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(token_slots + offs_m, mask=offs_m < T, other=-1)
+    return offs_m, slots, (offs_m < T) & (slots >= 0)
+
+
+@triton.jit
 def _gathered_shrink_kernel(x_ptr, w_ptr, lam_ptr, h_ptr, token_slots, T, K, R,
                             sx_t, sx_k, sw_r, sw_k, sl_s, sl_r, sh_t, sh_r,
                             BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -49,12 +57,9 @@ def _gathered_shrink_kernel(x_ptr, w_ptr, lam_ptr, h_ptr, token_slots, T, K, R,
     """h[t, r] = λ[slot(t), r] · round(x[t] Wᵀ)[r] (λ ≡ 1 without HAS_LAM): one shared product over a row
     tile, gather-scale fused."""
     pid_m, pid_r = tl.program_id(0), tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, slots, live = _row_tile(token_slots, pid_m, T, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_m = offs_m < T
     mask_r = offs_r < R
-    slots = tl.load(token_slots + offs_m, mask=mask_m, other=-1)
-    live = mask_m & (slots >= 0)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -78,12 +83,9 @@ def _gathered_expand_kernel(h_ptr, w_ptr, lam_ptr, y_ptr, token_slots, T, N, R,
                             UPCAST: tl.constexpr):
     """y[t, n] += λ[slot(t), n] · round(h[t] Wᵀ)[n] for rows with slot ≥ 0."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, slots, live = _row_tile(token_slots, pid_m, T, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < T
     mask_n = offs_n < N
-    slots = tl.load(token_slots + offs_m, mask=mask_m, other=-1)
-    live = mask_m & (slots >= 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -158,12 +160,9 @@ def _vera_expand_kernel(h_ptr, b_ptr, lam_d_ptr, lam_b_ptr, y_ptr, token_slots, 
     out_size = tl.load(out_sizes + j)
     if pid_n * BLOCK_N >= out_size:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, slots, live = _row_tile(token_slots, pid_m, T, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < T
     mask_n = offs_n < out_size
-    slots = tl.load(token_slots + offs_m, mask=mask_m, other=-1)
-    live = mask_m & (slots >= 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
