@@ -54,7 +54,7 @@ def peft_tok_s(model_dir: Path, dtype: torch.dtype, adapter_dirs: list[Path], na
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-        model = PeftModel.from_pretrained(base, adapter_dirs[0], adapter_name=f"a0")
+        model = PeftModel.from_pretrained(base, adapter_dirs[0], adapter_name="a0")
         for i, d in enumerate(adapter_dirs[1:], start=1):
             model.load_adapter(d, adapter_name=f"a{i}")
     ids = torch.tensor(batch)

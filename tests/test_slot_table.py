@@ -61,7 +61,7 @@ def test_host_cache_keeps_retained_entries_and_evicts_others():
     cache = HostCache(max_bytes=1000)
     cache.put("old", _parsed(800))
     loads = []
-    held = cache.retain("held", lambda: loads.append(1) or _parsed(800))
+    cache.retain("held", lambda: loads.append(1) or _parsed(800))
     assert loads == [1] and "held" in cache
     assert "old" not in cache                # over budget: the unretained one goes
     cache.put("other", _parsed(800))
