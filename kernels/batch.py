@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from kernels.lora import LinearFactors, lora_rows_ref
-from kernels.shared_bases import VeraStack, randlora_family_ref, vera_family_ref
+from kernels.shared_bases import RandLoraStack, VeraStack, randlora_family_ref, vera_family_ref
 
 
 # A few rows' thin LoRA matmuls are faster on one thread than on two that must synchronise (measured
@@ -55,7 +55,7 @@ class FamilyRows:
 
 class FamilyLayers(Protocol):
     def vera_stack(self, family: str, layer_key: str) -> VeraStack | None: ...
-    def randlora_slices(self, family: str, layer_key: str) -> set[tuple[int, int]]: ...
+    def randlora_stacks(self, family: str, layer_key: str) -> dict[tuple[int, int], RandLoraStack | None]: ...
     def bases(self, family: str, out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -110,7 +110,7 @@ class AdapterBatch:
             vera_family_ref(x, y, family.rows, family.token_slots, A_l, B, stack)
 
     def _randlora(self, family: FamilyRows, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
-        for out_start, out_f in self.family_layers.randlora_slices(family.key, layer.key):
+        for out_start, out_f in self.family_layers.randlora_stacks(family.key, layer.key):
             _, V = self.family_layers.bases(family.key, out_f, layer.in_features)
             members = []
             for rows, slot in family.members:

@@ -13,26 +13,19 @@ The step's metadata and scratch live in the manager's `StepBuffers` (allocated o
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 
 from kernels.batch import AdapterBatch, FamilyLayers, FamilyRows, LinearLike, TokenGroup
 from kernels.lora import LinearFactors
 from kernels.lora_triton import lora_apply
 from kernels.segments import StepBuffers
-from kernels.shared_bases import RandLoraStack
 from kernels.shared_bases_triton import randlora_apply, vera_apply
 from kernels.slot_store import LoraSlotStore
 
 
-class TritonFamilyLayers(FamilyLayers, Protocol):
-    def randlora_stacks(self, family: str, layer_key: str) -> dict[tuple[int, int], RandLoraStack]: ...
-
-
 class TritonAdapterBatch(AdapterBatch):
     def __init__(self, groups: list[TokenGroup], families: list[FamilyRows],
-                 slot_factors: list[dict[str, LinearFactors] | None], family_layers: TritonFamilyLayers,
+                 slot_factors: list[dict[str, LinearFactors] | None], family_layers: FamilyLayers,
                  slots: LoraSlotStore, buffers: StepBuffers, num_tokens: int, decode_only: bool) -> None:
         super().__init__(groups, families, slot_factors, family_layers)
         self.slots = slots

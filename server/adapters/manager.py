@@ -48,8 +48,9 @@ class AdapterManager:
         self._linears = {linear.key: linear for linear in linears}
         # VeRA vectors of every slot, stacked per family and packed layer so one gather serves a step.
         self._vera: dict[str, dict[str, VeraStack]] = {}
-        self._randlora: dict[str, dict[str, set[tuple[int, int]]]] = {}
-        self._randlora_stacks: dict[str, dict[str, dict[tuple[int, int], RandLoraStack]]] = {}   # triton only
+        # RandLoRA projections each family adapts, with every slot's λ/Γ stacked for the kernels on the
+        # triton backend (None on the torch backend, which multiplies by each slot's U instead).
+        self._randlora: dict[str, dict[str, dict[tuple[int, int], RandLoraStack | None]]] = {}
         self.loads = 0
         self.backend = backend
         self.lora_slots: LoraSlotStore | None = None
@@ -82,14 +83,14 @@ class AdapterManager:
         if previous is not None:
             for stack in self._vera.get(previous[1], {}).values():
                 stack.clear(slot)
-            for per_layer in self._randlora_stacks.get(previous[1], {}).values():
+            for per_layer in self._randlora.get(previous[1], {}).values():
                 for stack in per_layer.values():
-                    stack.clear(slot)
+                    if stack is not None:
+                        stack.clear(slot)
             self.families.detach(slot)
             if self.families.get(previous[1]) is None:
                 self._vera.pop(previous[1], None)
                 self._randlora.pop(previous[1], None)
-                self._randlora_stacks.pop(previous[1], None)
         self.slot_factors[slot] = None
         self.slot_family[slot] = None
         if self.lora_slots is not None:
@@ -108,26 +109,21 @@ class AdapterManager:
                                                           self.device)
                     per_family[layer_key].write(slot, where, piece.lambda_d, piece.lambda_b)
                 elif isinstance(piece, RandLoraSlice):
-                    self._randlora.setdefault(key, {}).setdefault(layer_key, set()).add(where)
-                    if self.backend == "triton":
-                        self._stack(key, layer_key, where, piece).write(slot, piece.lam, piece.gamma, piece.scale)
-
-    def _stack(self, key: str, layer_key: str, where: tuple[int, int], piece: RandLoraSlice) -> RandLoraStack:
-        per_layer = self._randlora_stacks.setdefault(key, {}).setdefault(layer_key, {})
-        if where not in per_layer:
-            (r, nb), min_l = piece.lam.shape, piece.gamma.shape[1]
-            per_layer[where] = RandLoraStack.empty(self.table.num_slots, r, nb, min_l, piece.in_le_out, self.device)
-        return per_layer[where]
+                    per_layer = self._randlora.setdefault(key, {}).setdefault(layer_key, {})
+                    stack = per_layer.get(where)
+                    if stack is None and self.backend == "triton":
+                        (r, nb), min_l = piece.lam.shape, piece.gamma.shape[1]
+                        stack = RandLoraStack.empty(num, r, nb, min_l, piece.in_le_out, self.device)
+                    per_layer[where] = stack
+                    if stack is not None:
+                        stack.write(slot, piece.lam, piece.gamma, piece.scale)
 
     # ---- FamilyLayers protocol (used by AdapterBatch) --------------------------------------
     def vera_stack(self, family: str, layer_key: str) -> VeraStack | None:
         return self._vera.get(family, {}).get(layer_key)
 
-    def randlora_slices(self, family: str, layer_key: str) -> set[tuple[int, int]]:
-        return self._randlora.get(family, {}).get(layer_key, set())
-
-    def randlora_stacks(self, family: str, layer_key: str) -> dict[tuple[int, int], RandLoraStack]:
-        return self._randlora_stacks.get(family, {}).get(layer_key, {})
+    def randlora_stacks(self, family: str, layer_key: str) -> dict[tuple[int, int], RandLoraStack | None]:
+        return self._randlora.get(family, {}).get(layer_key, {})
 
     def bases(self, family: str, out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.families.get(family).layer(out_f, in_f)

@@ -83,11 +83,10 @@ class ModelRunner:
         order = sorted(range(len(decodes)), key=lambda i: decodes[i].kv_slot)
         slot_ids = [decodes[i].kv_slot for i in order]
         device = self.device
-        lengths = torch.tensor([decodes[i].num_computed + 1 for i in order], device=device)
+        lengths = [decodes[i].num_computed + 1 for i in order]
         contiguous = slot_ids == list(range(slot_ids[0], slot_ids[0] + len(slot_ids)))
         slots = slice(slot_ids[0], slot_ids[-1] + 1) if contiguous else torch.tensor(slot_ids, device=device)
-        longest = max(decodes[i].num_computed + 1 for i in order)
-        mask = torch.arange(longest, device=device) < lengths.unsqueeze(1)   # [B, L]
+        mask = torch.arange(max(lengths), device=device) < torch.tensor(lengths, device=device).unsqueeze(1)  # [B, L]
         attn_order = None if order == list(range(len(order))) else torch.tensor(order, device=device)
         return slots, mask[:, None, None, :], attn_order
 
