@@ -1,18 +1,27 @@
-"""create_app(): routes, error envelope, and the lifespan that runs the engine thread."""
+"""create_app(): routes, guards, error envelope, and the lifespan that runs the engine thread."""
 
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store import AdapterError
 from server.api import adapters, generate, ops
+from server.api.guards import MUTATING_METHODS, BodyLimit, CrossSiteWriteGuard, RequestTooLarge
+from server.api.schemas import UNDECODABLE_TEXT
 from server.errors import ServerError
 from server.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+# Validation errors that mean "these bytes are not JSON / not text" rather than "a field is wrong".
+_UNDECODABLE = {"json_invalid", "string_unicode", UNDECODABLE_TEXT}
 
 
 def _error(status: int, message: str, error_type: str) -> JSONResponse:
@@ -42,25 +51,50 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(adapters.router)
     app.include_router(ops.router)
 
+    config = runtime.config
+    upload_cap = int(config.adapters.max_upload_mb * 2**20)
+    request_cap = int(config.max_request_mb * 2**20)
+
+    def body_limit(method: str, path: str) -> int:
+        return upload_cap if method in MUTATING_METHODS and path.rstrip("/") == "/adapters" else request_cap
+
+    # Added innermost first: CORS answers preflights, the guard refuses cross-site writes, and the
+    # body cap runs before anything reads the body.
+    app.add_middleware(CORSMiddleware, allow_origins=sorted(config.allowed_origins),
+                       allow_methods=["GET", "POST", "DELETE"], allow_headers=["authorization", "content-type"])
+    app.add_middleware(CrossSiteWriteGuard, allowed_origins=config.allowed_origins)
+    app.add_middleware(BodyLimit, limit_for=body_limit)
+
+    def rejected(status: int) -> None:
+        runtime.metrics.requests.labels("rejected" if status < 500 else "error").inc()
+
     @app.exception_handler(ServerError)
     async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
-        if 400 <= exc.status < 500:
-            runtime.metrics.requests.labels("rejected").inc()
+        rejected(exc.status)
         return _error(exc.status, exc.message, exc.error_type)
 
     @app.exception_handler(AdapterError)
     async def _adapter_error(request: Request, exc: AdapterError) -> JSONResponse:
-        if 400 <= exc.status < 500:
-            runtime.metrics.requests.labels("rejected").inc()
+        rejected(exc.status)
         return _error(exc.status, exc.message, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        runtime.metrics.requests.labels("rejected").inc()
-        return _error(422, _describe_validation(exc), "invalid_request")
+        status = 400 if any(err.get("type") in _UNDECODABLE for err in exc.errors()) else 422
+        rejected(status)
+        return _error(status, _describe_validation(exc), "invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), "http_error")
+        rejected(exc.status_code)
+        kind = "request_too_large" if isinstance(exc, RequestTooLarge) else "http_error"
+        return _error(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not bad input: logged with its traceback, counted, and answered in the usual envelope.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        rejected(500)
+        return _error(500, f"internal error: {type(exc).__name__}", "internal_error")
 
     return app

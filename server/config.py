@@ -76,6 +76,10 @@ class ServerConfig:
     threads: int = 0
     """torch intra-op threads; 0 = the cores available to this process."""
     log_level: str = "info"
+    max_request_mb: float = 4.0
+    """Largest request body of every route but adapter uploads (which have max_upload_mb)."""
+    cors_allow_origins: str = ""
+    """Comma-separated browser origins allowed to call the API (CORS and cross-site writes); none by default."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
 
@@ -86,8 +90,14 @@ class ServerConfig:
             raise ValueError(f"dtype must be auto, float32 or bfloat16, not {self.dtype!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port {self.port} is out of range")
+        if self.max_request_mb <= 0:
+            raise ValueError("max_request_mb must be positive")
         self.engine.validate()
         self.adapters.validate()
+
+    @property
+    def allowed_origins(self) -> frozenset[str]:
+        return frozenset(o.strip().rstrip("/") for o in self.cors_allow_origins.split(",") if o.strip())
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -124,6 +134,9 @@ _OPTIONS: list[tuple[str, str, type, str]] = [
     ("--adapters-dir", "adapters_dir", Path, "where uploaded adapters are stored"),
     ("--threads", "threads", int, "torch intra-op threads, 0 = cores available to the process"),
     ("--log-level", "log_level", str, "debug | info | warning | error"),
+    ("--max-request-mb", "max_request_mb", float, "largest request body (adapter uploads: --max-upload-mb)"),
+    ("--cors-allow-origins", "cors_allow_origins", str, "comma-separated browser origins allowed to call the "
+     "API; empty = none (cross-site writes are refused)"),
     ("--max-model-len", "engine.max_model_len", int, "longest prompt + completion in tokens (default: model "
      "context capped at 4096)"),
     ("--max-num-seqs", "engine.max_num_seqs", int, "most sequences running at once (KV slots)"),

@@ -46,6 +46,11 @@ class Runtime:
     dtype: torch.dtype
     device: torch.device
 
+    @property
+    def model_name(self) -> str:
+        """What clients call the base model: its directory's name (never the path)."""
+        return self.config.model.resolve().name
+
 
 BACKEND_ENV = "ADAPTER_SERVER_KERNEL_BACKEND"
 

@@ -99,3 +99,16 @@ def build_tiny_llama(path: Path, seed: int = 0, **overrides) -> Path:
                 param.normal_(0, 0.1)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_served_model_dir(demo_model_dir: Path, tmp_path_factory) -> Path:
+    """A random two-layer Llama with the demo model's tokenizer and chat template: a server on it
+    answers in milliseconds, for tests that send many requests (hostile input, fuzzing)."""
+    import shutil
+    path = build_tiny_llama(tmp_path_factory.mktemp("tiny-served"), vocab_size=49152, bos_token_id=1,
+                            eos_token_id=2, max_position_embeddings=512)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (demo_model_dir / name).exists():
+            shutil.copy(demo_model_dir / name, path / name)
+    return path

@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from adapters_store import AdapterInfo, AdapterTooLarge, MalformedUpload
+from server.api.openapi import error_responses
 from server.runtime import Runtime
 
 router = APIRouter()
@@ -58,7 +59,17 @@ async def _form_parts(request: Request, cap: int) -> tuple[str, bytes, bytes]:
     return adapter_id, files["config"], files["weights"]
 
 
-@router.post("/adapters", status_code=201)
+# The body is read by hand (size-capped before parsing), so its shape is declared here for the docs.
+_UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["adapter_id", "config", "weights"],
+    "properties": {"adapter_id": {"type": "string"},
+                   "config": {"type": "string", "format": "binary", "description": "adapter_config.json"},
+                   "weights": {"type": "string", "format": "binary",
+                               "description": "adapter_model.safetensors"}}}}}}}
+
+
+@router.post("/adapters", status_code=201, responses=error_responses(400, 403, 413, 422, 500),
+             openapi_extra=_UPLOAD_BODY)
 async def upload_adapter(request: Request) -> JSONResponse:
     runtime: Runtime = request.app.state.runtime
     cap = int(runtime.config.adapters.max_upload_mb * 2**20)
@@ -73,13 +84,13 @@ async def list_adapters(request: Request) -> dict:
     return {"adapters": [_public(info) for info in runtime.adapters.registry.list()]}
 
 
-@router.get("/adapters/{adapter_id}")
+@router.get("/adapters/{adapter_id}", responses=error_responses(404))
 async def get_adapter(adapter_id: str, request: Request) -> dict:
     runtime: Runtime = request.app.state.runtime
     return _public(runtime.adapters.get(adapter_id))
 
 
-@router.delete("/adapters/{adapter_id}", status_code=204)
+@router.delete("/adapters/{adapter_id}", status_code=204, responses=error_responses(403, 404, 500))
 async def delete_adapter(adapter_id: str, request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     await run_in_threadpool(runtime.adapters.delete, adapter_id)

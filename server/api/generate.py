@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
+from server.api.openapi import error_responses
 from server.api.schemas import GenerateRequest, GenerateResponse, Usage
 from server.engine.request import Request as EngineRequest
-from server.engine.request import SamplingParams, TokenEvent
+from server.engine.request import GenerationError, SamplingParams, TokenEvent
 from server.errors import InvalidRequest, ServerError
 from server.runtime import Runtime
 
@@ -22,11 +24,26 @@ _DISCONNECT_POLL_SECONDS = 0.25
 
 
 class GenerationFailed(ServerError):
-    status = 500
-    error_type = "generation_failed"
+    def __init__(self, error: GenerationError | None) -> None:
+        error = error or GenerationError("internal_error", "generation failed")
+        super().__init__(error.message)
+        self.error_type = error.kind
+        # The request's own numbers broke (its adapter): the client's problem, not the server's.
+        self.status = 422 if error.kind == "non_finite_output" else 500
+
+
+def _check_text_fits(body: GenerateRequest, runtime: Runtime) -> None:
+    """Refuse text that cannot fit the context before spending CPU on tokenizing it."""
+    limit = runtime.max_model_len * runtime.tokenizer.max_bytes_per_token
+    size = body.text_bytes()
+    if size > limit:
+        raise InvalidRequest(f"the prompt is {size} bytes of text; the context holds {runtime.max_model_len} "
+                             f"tokens and no token covers more than {runtime.tokenizer.max_bytes_per_token} "
+                             "bytes, so it cannot fit")
 
 
 def _prompt_ids(body: GenerateRequest, runtime: Runtime) -> list[int]:
+    """Tokenize (CPU-heavy: runs in a worker thread, never on the event loop)."""
     tokenizer = runtime.tokenizer
     if body.messages is not None:
         ids = tokenizer.encode_chat([m.model_dump() for m in body.messages])
@@ -45,18 +62,16 @@ def _sampling_params(body: GenerateRequest, prompt_len: int, max_model_len: int)
     if body.max_tokens is not None and body.max_tokens > room:
         raise InvalidRequest(f"max_tokens={body.max_tokens} plus the {prompt_len}-token prompt exceeds the "
                              f"context of {max_model_len} tokens (at most {room} new tokens fit)")
-    try:
-        stop = body.stop_strings()
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
     return SamplingParams(max_tokens=body.max_tokens or room, temperature=body.temperature, top_p=body.top_p,
-                          top_k=body.top_k, seed=body.seed, stop=stop, ignore_eos=body.ignore_eos)
+                          top_k=body.top_k, seed=body.seed, stop=body.stop_strings(), ignore_eos=body.ignore_eos)
 
 
-@router.post("/generate", response_model=GenerateResponse)
+@router.post("/generate", response_model=GenerateResponse, responses=error_responses(400, 403, 404, 413, 422, 500),
+             openapi_extra={"responses": {"200": {"content": {"text/event-stream": {}}}}})
 async def generate(body: GenerateRequest, http_request: Request):
     runtime: Runtime = http_request.app.state.runtime
-    prompt_ids = _prompt_ids(body, runtime)
+    _check_text_fits(body, runtime)
+    prompt_ids = await run_in_threadpool(_prompt_ids, body, runtime)
     params = _sampling_params(body, len(prompt_ids), runtime.max_model_len)
     # From here the request holds its adapter version's weights until the engine finishes it.
     adapter_version = None if body.adapter_id is None else runtime.adapters.retain(body.adapter_id)
@@ -94,7 +109,7 @@ async def _collect(request_id: str, events: asyncio.Queue[TokenEvent], runtime: 
                 runtime.engine.abort(request_id)
                 return JSONResponse({"error": {"message": "client disconnected", "type": "aborted"}}, 499)
     if event.finish_reason == "error":
-        raise GenerationFailed(event.error or "generation failed")
+        raise GenerationFailed(event.error)
     return JSONResponse(GenerateResponse(
         id=request_id, text="".join(text), token_ids=token_ids, finish_reason=event.finish_reason,
         usage=Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
@@ -118,7 +133,7 @@ async def _sse(request_id: str, events: asyncio.Queue[TokenEvent], runtime: Runt
                 payload["usage"] = {"prompt_tokens": event.prompt_tokens,
                                     "completion_tokens": event.completion_tokens}
                 if event.error:
-                    payload["error"] = {"message": event.error, "type": "generation_failed"}
+                    payload["error"] = {"message": event.error.message, "type": event.error.kind}
             yield _sse_line(payload)
         yield _sse_line("[DONE]")
     finally:

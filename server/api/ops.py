@@ -6,19 +6,20 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from server.api.openapi import error_responses
 from server.runtime import Runtime
 
 router = APIRouter()
 
 
-@router.get("/health")
+@router.get("/health", responses=error_responses(503))
 async def health(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     engine = runtime.engine
     scheduler = engine.scheduler
     body = {
         "status": "ok" if engine.alive else "engine_down",
-        "model": str(runtime.config.model),
+        "model": runtime.model_name,   # the name only: the path is the operator's business
         "device": str(runtime.device),
         "dtype": str(runtime.dtype).removeprefix("torch."),
         "max_model_len": runtime.max_model_len,

@@ -1,32 +1,57 @@
-"""Pydantic models of the HTTP API (the only place pydantic is used)."""
+"""Pydantic models of the HTTP API (the only place pydantic is used).
+
+Every field is strict (a string is never read as a number) and bounded, so what reaches the engine
+is always something it can serve; text fields must be encodable as UTF-8 (a lone UTF-16 surrogate
+such as "\\ud800" is valid JSON but not text, and is answered with a 400).
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
+from pydantic_core import PydanticCustomError
+
+UNDECODABLE_TEXT = "undecodable_text"   # the error type the app answers with 400 instead of 422
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_MESSAGES = 1024
+
+
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(UNDECODABLE_TEXT, "text is not valid Unicode ({reason} at index {index})",
+                                  {"reason": exc.reason, "index": exc.start}) from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_encodable)]
+StopString = Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(_encodable)]
+Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: StrictStr
-    content: StrictStr
+    role: Role
+    content: Text
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    prompt: StrictStr | None = None
-    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1, strict=True)
-    temperature: float = Field(default=0.0, ge=0.0, le=100.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, strict=True)
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1, strict=True)
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0, strict=True)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, strict=True)
+    top_k: int = Field(default=0, ge=0, le=2**31 - 1, strict=True)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, strict=True)
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: StopString | list[StopString] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
     ignore_eos: StrictBool = False
     stream: StrictBool = False
-    adapter_id: StrictStr | None = None
+    adapter_id: Text | None = Field(default=None, max_length=256)
     mode: Literal["auto", "gathered", "merged"] | None = None
 
     @model_validator(mode="after")
@@ -40,10 +65,13 @@ class GenerateRequest(BaseModel):
         return self
 
     def stop_strings(self) -> tuple[str, ...]:
-        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        if any(s == "" for s in stops):
-            raise ValueError("stop strings must not be empty")
-        return tuple(stops)
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def text_bytes(self) -> int:
+        """UTF-8 size of the text to tokenize (the chat template only adds to it)."""
+        if self.messages is not None:
+            return sum(len(m.content.encode()) + len(m.role) for m in self.messages)
+        return len(self.prompt.encode())
 
 
 class Usage(BaseModel):
@@ -57,3 +85,14 @@ class GenerateResponse(BaseModel):
     token_ids: list[int]
     finish_reason: Literal["stop", "length"]
     usage: Usage
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx answer: `{"error": {"message", "type"}}`."""
+
+    error: ErrorBody

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from server.adapters.merge import CannotMerge
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.phases import GATHERED, Phase, PhasePolicy
-from server.engine.request import Request, TokenEvent
+from server.engine.request import GenerationError, Request, TokenEvent
 from server.engine.runner import ModelRunner
 from server.engine.sampler import Sampler
 from server.engine.scheduler import ScheduledBatch, Scheduler
@@ -24,6 +24,11 @@ from server.metrics import Metrics
 from server.model.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
+
+
+NON_FINITE_OUTPUT = GenerationError(
+    "non_finite_output", "the model's output for this request became non-finite (NaN or Inf), or overflowed at its "
+    "temperature: its adapter produces values out of range; no other request was affected")
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,12 +120,17 @@ class Engine:
             return False
         sampled = batch.sampled()
         try:
+            self.runner.wipe_kv(self.scheduler.take_released_kv())
             logits = self.runner.run(batch)
             tokens = self.sampler.sample(logits, [(s.request_id, s.request.params) for s in sampled])
         except Exception as exc:  # a failing step must not take the server down with it
             log.exception("engine step failed")
             self._fail(batch, f"internal error during generation: {exc}")
-            return
+            return True
+        for seq, token in zip(sampled, tokens):
+            if token is None:  # this request's numbers broke; the rest of the batch is sampled as usual
+                seq.error = NON_FINITE_OUTPUT
+                log.warning("request %s (adapter version %s) ended: non-finite logits", seq.request_id, seq.version)
         finished = self.scheduler.postprocess(batch, tokens)
         now = time.perf_counter()
         self.metrics.prompt_tokens.inc(sum(n for _, n in batch.prefills))
@@ -178,7 +188,7 @@ class Engine:
             self.metrics.time_per_output_token.observe((now - seq.first_token_time) / (seq.num_generated - 1))
         seq.request.emit(TokenEvent(seq.request_id, new_ids, seq.detokenizer.take_delta(final=True),
                                     finish_reason=seq.finish_reason, prompt_tokens=seq.num_prompt,
-                                    completion_tokens=seq.num_generated))
+                                    completion_tokens=seq.num_generated, error=seq.error))
         self._update_gauges()
 
     def _fail(self, batch: ScheduledBatch, message: str) -> None:
@@ -188,7 +198,8 @@ class Engine:
             self.sampler.forget(seq.request_id)
             self.runner.adapters.finished(seq.request.adapter_version)
             self.metrics.requests.labels("error").inc()
-            seq.request.emit(TokenEvent(seq.request_id, [], "", finish_reason="error", error=message,
+            seq.request.emit(TokenEvent(seq.request_id, [], "", finish_reason="error",
+                                        error=GenerationError("internal_error", message),
                                         prompt_tokens=seq.num_prompt, completion_tokens=seq.num_generated))
         self._update_gauges()
 

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     max_tokens: int
@@ -18,7 +21,17 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, sampling is argmax in all but name, and dividing by it overflows float32.
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationError:
+    """Why a request ended with finish_reason "error". `kind` is "non_finite_output" when the
+    request's own numbers broke (its adapter's fault; answered 422), "internal_error" otherwise."""
+
+    kind: str
+    message: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +44,7 @@ class TokenEvent:
     finish_reason: str | None = None   # "stop" | "length" | "abort" | "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    error: str | None = None
+    error: GenerationError | None = None
 
 
 @dataclass(slots=True)

@@ -48,6 +48,7 @@ class ModelRunner:
             ids.append(seq.token_ids[seq.num_computed])
             positions.append(seq.num_computed)
             kv_slots.append(seq.kv_slot)
+            self.kv_cache.note_written(seq.kv_slot, seq.num_computed + 1)
             row_of[id(seq)] = row
             _add_group(groups, slot_of[id(seq)], row, row + 1)
         prefills: list[PrefillSegment] = []
@@ -57,6 +58,7 @@ class ModelRunner:
             ids.extend(seq.token_ids[start:start + n])
             positions.extend(range(start, start + n))
             kv_slots.extend([seq.kv_slot] * n)
+            self.kv_cache.note_written(seq.kv_slot, start + n)
             row_of[id(seq)] = first_row + n - 1
             _add_group(groups, slot_of[id(seq)], first_row, first_row + n)
         decode_slots, decode_mask, attn_order = self._decode_layout(decodes)
@@ -89,6 +91,10 @@ class ModelRunner:
         mask = torch.arange(max(lengths), device=device) < torch.tensor(lengths, device=device).unsqueeze(1)  # [B, L]
         attn_order = None if order == list(range(len(order))) else torch.tensor(order, device=device)
         return slots, mask[:, None, None, :], attn_order
+
+    def wipe_kv(self, kv_slots: list[int]) -> None:
+        """Erase what finished sequences left in these KV slots before anyone else can read them."""
+        self.kv_cache.wipe(kv_slots)
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [len(batch.sampled()), vocab] float32, on the CPU: sampling uses per-request CPU

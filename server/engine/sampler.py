@@ -1,5 +1,9 @@
 """Per-request sampling inside a batched step: greedy rows in one argmax, sampled rows each with
-their own seeded generator, so a request's randomness never depends on its batch neighbours."""
+their own seeded generator, so a request's randomness never depends on its batch neighbours.
+
+A row that cannot be sampled (non-finite logits, e.g. from a broken adapter, or logits that
+overflow at the request's temperature) gets None: that request ends with an error, and the other
+rows of the step are sampled as usual."""
 
 from __future__ import annotations
 
@@ -40,13 +44,19 @@ class Sampler:
             self._generators[request_id] = gen
         return gen
 
-    def sample(self, logits: torch.Tensor, requests: list[tuple[str, SamplingParams]]) -> list[int]:
-        """logits [S, V] float32, one row per (request_id, params); returns one token id per row."""
-        tokens = logits.argmax(dim=-1).tolist()
+    def sample(self, logits: torch.Tensor, requests: list[tuple[str, SamplingParams]]) -> list[int | None]:
+        """logits [S, V] float32, one row per (request_id, params); one token id per row, or None for
+        a row that cannot be sampled."""
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        tokens: list[int | None] = logits.argmax(dim=-1).tolist()
         for row, (request_id, params) in enumerate(requests):
-            if params.greedy:
-                continue
-            scaled = _filter_top_k_top_p(logits[row] / params.temperature, params.top_k, params.top_p)
-            probs = scaled.softmax(-1)
-            tokens[row] = int(torch.multinomial(probs, 1, generator=self._generator(request_id, params.seed)))
+            if not finite[row]:
+                tokens[row] = None
+            elif not params.greedy:
+                scaled = logits[row] / params.temperature
+                if not torch.isfinite(scaled).all():
+                    tokens[row] = None
+                    continue
+                probs = _filter_top_k_top_p(scaled, params.top_k, params.top_p).softmax(-1)
+                tokens[row] = int(torch.multinomial(probs, 1, generator=self._generator(request_id, params.seed)))
         return tokens

@@ -40,6 +40,7 @@ class Scheduler:
         self.max_batched_tokens = max_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._released_kv: list[int] = []   # KV slots freed since the last step, to be wiped first
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -83,15 +84,19 @@ class Scheduler:
             budget -= n
         return batch
 
-    def postprocess(self, batch: ScheduledBatch, tokens: list[int]) -> list[Sequence]:
-        """Advance progress, append sampled tokens (in `batch.sampled()` order); return finished."""
+    def postprocess(self, batch: ScheduledBatch, tokens: list[int | None]) -> list[Sequence]:
+        """Advance progress, append sampled tokens (in `batch.sampled()` order; None = that row could
+        not be sampled and its sequence ends with an error); return the finished sequences."""
         sampled = batch.sampled()
         for seq in batch.decodes:
             seq.num_computed += 1
         for seq, n in batch.prefills:
             seq.num_computed += n
         for seq, token in zip(sampled, tokens, strict=True):
-            seq.append(token)
+            if token is None:
+                seq.finish_reason = "error"
+            else:
+                seq.append(token)
         finished = [s for s in sampled if s.finish_reason is not None]
         for seq in finished:
             self._release(seq)
@@ -111,10 +116,16 @@ class Scheduler:
                 return seq
         return None
 
+    def take_released_kv(self) -> list[int]:
+        """KV slots freed since the last call; the runner wipes them before the next forward."""
+        released, self._released_kv = self._released_kv, []
+        return released
+
     def _release(self, seq: Sequence) -> None:
         seq.status = SeqStatus.FINISHED
         self.running.remove(seq)
         self.slots.free(seq.kv_slot)
+        self._released_kv.append(seq.kv_slot)
         seq.kv_slot = None
         if seq.request.adapter_version is not None:
             self.adapter_slots.release(seq.request.adapter_version)

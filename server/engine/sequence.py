@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.request import Request
+from server.engine.request import GenerationError, Request
 
 
 class SeqStatus(enum.Enum):
@@ -26,6 +26,7 @@ class Sequence:
     kv_slot: int | None = None
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
+    error: GenerationError | None = None # why, when finish_reason is "error"
     first_token_time: float | None = None
     emitted_tokens: int = field(default=0)
 

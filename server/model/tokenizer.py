@@ -39,12 +39,21 @@ class TextTokenizer:
         env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
         self._chat_template = env.from_string(template) if template else None
 
+        # Bytes of input one token can cover at most (a vocabulary entry's UTF-8 size over-counts it:
+        # byte-level and metaspace alphabets spell one input byte with 1-3 bytes), doubled for
+        # normalizers that shrink text (NFKC "ﬁ" -> "fi"). Lets a request whose text cannot fit the
+        # context be refused without tokenizing megabytes of it.
+        vocab = self._tokenizer.get_vocab(with_added_tokens=True)
+        self.max_bytes_per_token = 2 * max((len(t.encode("utf-8", "replace")) for t in vocab), default=1)
+
     @property
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (plain encode holds it: a 6 MB text froze
+        # every other thread, the event loop included, for 5 s); callers run this off the loop.
+        return self._tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
