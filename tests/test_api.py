@@ -85,7 +85,7 @@ BAD_REQUESTS = [
     ({"prompt": "hi", "stream": "yes"}, 422, "stream"),
     ({"messages": [{"role": "user"}]}, 422, "content"),
     ({"messages": []}, 422, "messages"),
-    ({"prompt": "hi", "stop": [""]}, 400, "stop"),
+    ({"prompt": "hi", "stop": [""]}, 422, "stop"),
     ({"prompt": "hi", "adapter_id": "nobody"}, 404, "unknown adapter"),
     ({"prompt": "hi", "unexpected": 1}, 422, "unexpected"),
 ]
@@ -100,9 +100,9 @@ async def test_bad_input_gets_4xx_naming_the_problem(client, payload, status, ne
     assert error["type"]
 
 
-async def test_malformed_json_is_422(client):
+async def test_malformed_json_is_400(client):
     r = await client.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422
+    assert r.status_code == 400
     assert "error" in r.json()
 
 
