@@ -4,29 +4,82 @@ A request retains its adapter version from the moment it is resolved until it fi
 weights it started with stay available even if the adapter is re-uploaded or deleted meanwhile.
 Unretained entries are evicted least-recently-used once the cache exceeds its byte budget; they
 are re-read from the store on the next use.
+
+A version that stops being published (its id deleted, or re-uploaded with other content) is
+`discard`ed: dropped at once when no request retains it, else at its last `release`. Dropped
+adapters are many small tensors that glibc keeps in its heap after `free`, so once enough bytes
+have been dropped the cache asks glibc to give the free pages back to the OS (`malloc_trim`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections import Counter, OrderedDict
 from typing import Callable
 
 from adapters_store import ParsedAdapter
 
+# Dropped bytes after which free heap pages are handed back to the OS. One LoRA r16 on q,k,v,o of
+# SmolLM2 is 7.4 MB, so deleting a few adapters triggers a trim; a trim then costs a few ms.
+TRIM_AFTER_BYTES = 16 * 2**20
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library is not glibc (musl, macOS, Windows)."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def release_free_memory() -> bool:
+    """Return free pages of every malloc arena to the OS; False where that is not available."""
+    if _malloc_trim is None:
+        return False
+    _malloc_trim(0)
+    return True
+
 
 class HostCache:
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, trim_after_bytes: int = TRIM_AFTER_BYTES) -> None:
         self.max_bytes = max_bytes
+        self.trim_after_bytes = trim_after_bytes
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, ParsedAdapter] = OrderedDict()
+        self._sizes: dict[str, int] = {}
         self._refs: Counter[str] = Counter()
+        self._discarded: set[str] = set()   # retained entries to drop at their last release
+        self._bytes = 0                     # sum of self._sizes, kept as entries come and go
+        self._dropped_since_trim = 0
+        self.trims = 0
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def __contains__(self, version: str) -> bool:
+        with self._lock:
+            return version in self._entries
 
     def put(self, version: str, parsed: ParsedAdapter) -> None:
+        """Cache `version` (just published: a pending discard of it is cancelled)."""
         with self._lock:
-            self._entries[version] = parsed
-            self._entries.move_to_end(version)
+            self._insert(version, parsed)
+            self._discarded.discard(version)
             self._evict()
+        self._maybe_trim()
 
     def retain(self, version: str, load: Callable[[], ParsedAdapter]) -> ParsedAdapter:
         """Pin `version` in memory (loading it with `load` on a miss) until `release`."""
@@ -38,10 +91,15 @@ class HostCache:
                 return parsed
         parsed = load()  # outside the lock: disk read + parse
         with self._lock:
-            parsed = self._entries.setdefault(version, parsed)
+            if version in self._entries:   # loaded meanwhile by another thread
+                parsed = self._entries[version]
+                self._entries.move_to_end(version)
+            else:
+                self._insert(version, parsed)
             self._refs[version] += 1
             self._evict()
-            return parsed
+        self._maybe_trim()
+        return parsed
 
     def get(self, version: str) -> ParsedAdapter:
         with self._lock:
@@ -49,20 +107,69 @@ class HostCache:
 
     def release(self, version: str) -> None:
         with self._lock:
-            self._refs[version] -= 1
-            if self._refs[version] <= 0:
-                del self._refs[version]
+            refs = self._refs.pop(version, 0) - 1
+            if refs > 0:
+                self._refs[version] = refs
+            elif version in self._discarded:
+                self._discarded.remove(version)
+                self._drop(version)
             self._evict()
+        self._maybe_trim()
+
+    def discard(self, version: str) -> None:
+        """`version` is no longer published: drop it now if unretained, else at its last release.
+
+        The caller orders this after every `retain` that could resolve to `version` (the adapter
+        service holds its lock around both); a later `put` of the same version cancels it.
+        """
+        with self._lock:
+            if version not in self._entries:
+                return
+            if self._refs[version] > 0:
+                self._discarded.add(version)
+            else:
+                self._drop(version)
+        self._maybe_trim()
+
+    def is_discarded(self, version: str) -> bool:
+        with self._lock:
+            return version in self._discarded
+
+    # ---- internals (called with self._lock held, except _maybe_trim) -------------------------
+    def _insert(self, version: str, parsed: ParsedAdapter) -> None:
+        if version in self._entries:
+            self._bytes -= self._sizes[version]
+        size = parsed.nbytes
+        self._entries[version] = parsed
+        self._entries.move_to_end(version)
+        self._sizes[version] = size
+        self._bytes += size
+
+    def _drop(self, version: str) -> None:
+        del self._entries[version]
+        size = self._sizes.pop(version)
+        self._bytes -= size
+        self._dropped_since_trim += size
 
     def _evict(self) -> None:
-        total = sum(p.nbytes for p in self._entries.values())
-        for version in list(self._entries):
-            if total <= self.max_bytes:
-                return
+        if self._bytes <= self.max_bytes:
+            return
+        victims = []
+        over = self._bytes - self.max_bytes
+        for version in self._entries:   # least recently used first
+            if over <= 0:
+                break
             if self._refs[version] == 0:
-                total -= self._entries.pop(version).nbytes
-                del self._refs[version]
+                victims.append(version)
+                over -= self._sizes[version]
+        for version in victims:
+            self._drop(version)
 
-    def __contains__(self, version: str) -> bool:
+    def _maybe_trim(self) -> None:
+        """After enough dropped bytes, hand free heap pages back to the OS (outside the lock)."""
         with self._lock:
-            return version in self._entries
+            if self._dropped_since_trim < self.trim_after_bytes:
+                return
+            self._dropped_since_trim = 0
+        if release_free_memory():
+            self.trims += 1

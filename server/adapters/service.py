@@ -4,6 +4,10 @@ Uploads are parsed and validated against the loaded base model before anything t
 publishing is atomic, and only then does the registry point the id at the new version. A lock
 orders resolve-and-retain against swaps and deletes, so a request either gets a version whose
 weights it holds until it finishes, or a 404.
+
+A version is published by every id whose current version it is (the version is a content digest,
+so two ids can share one). When the last such id is deleted or re-uploaded with other content, the
+version is discarded from the host cache: dropped at once, or when the last request holding it ends.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from adapters_store import (
@@ -47,6 +52,8 @@ class AdapterService:
         self.cache = cache
         self.spec = spec
         self._lock = threading.Lock()
+        # version -> how many ids it is the current version of (guarded by self._lock).
+        self._published: Counter[str] = Counter()
         # One low-priority worker: uploads are serialised and never compete with decoding.
         self._upload_worker = ThreadPoolExecutor(1, thread_name_prefix="adapter-upload",
                                                  initializer=_lower_thread_priority)
@@ -55,7 +62,11 @@ class AdapterService:
         """Re-register every complete adapter in the store (partial ones are cleaned by scan)."""
         for adapter_id, version in self.store.scan().items():
             info = self.store.meta(adapter_id, version)["info"]
-            self.registry.register(AdapterInfo.from_dict({**info, "version": version}))
+            with self._lock:
+                previous = self.registry.register(AdapterInfo.from_dict({**info, "version": version}))
+                self._published[version] += 1
+                if previous is not None:
+                    self._unpublish(previous.version)
         return len(self.registry)
 
     def submit_upload(self, adapter_id: str, config_bytes: bytes, weights_bytes: bytes) -> Future[AdapterInfo]:
@@ -76,9 +87,12 @@ class AdapterService:
             info = AdapterInfo.from_dict({**meta, "version": version})
             self.cache.put(version, parsed)
             previous = self.registry.register(info)
-            if previous is not None and previous.version != version:
-                # Requests still on the old version hold its weights in the host cache.
-                self.store.remove_version(adapter_id, previous.version)
+            self._published[version] += 1
+            if previous is not None:
+                self._unpublish(previous.version)
+                if previous.version != version:
+                    # Requests still on the old version hold its weights in the host cache.
+                    self.store.remove_version(adapter_id, previous.version)
         log.info("adapter %s version %s published (%s, rank %d)", adapter_id, version, info.kind, info.rank)
         return info
 
@@ -87,8 +101,17 @@ class AdapterService:
             info = self.registry.remove(adapter_id)
             if info is None:
                 raise AdapterNotFound(f"unknown adapter {adapter_id!r}")
+            self._unpublish(info.version)
             self.store.delete(adapter_id)
         return info
+
+    def _unpublish(self, version: str) -> None:
+        """One id stopped publishing `version` (called with self._lock held)."""
+        self._published[version] -= 1
+        if self._published[version] <= 0:
+            del self._published[version]
+            # Dropped now, or when the last request that resolved it finishes.
+            self.cache.discard(version)
 
     def get(self, adapter_id: str) -> AdapterInfo:
         info = self.registry.resolve(adapter_id)
