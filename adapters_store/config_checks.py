@@ -74,6 +74,20 @@ def as_number(v: Any, what: str) -> float:
     return v
 
 
+def as_positive(v: Any, what: str, *, allow_zero: bool = False) -> float:
+    """A finite number > 0 (>= 0 with ``allow_zero``): alphas. alpha 0 zeroes the adapter, a negative
+    one flips it; neither is a fine-tune anyone meant to upload."""
+    v = as_number(v, what)
+    if v < 0 or (v == 0 and not allow_zero):
+        raise InvalidAdapter(f"{what} must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+    return v
+
+
+def get_positive(cfg: dict[str, Any], key: str, default: float, *, allow_zero: bool = False) -> float:
+    v = cfg.get(key, default)
+    return as_positive(default if v is None else v, f"config field {key!r}", allow_zero=allow_zero)
+
+
 def get_bool(cfg: dict[str, Any], key: str, default: bool = False) -> bool:
     v = cfg.get(key, default)
     if v is None:

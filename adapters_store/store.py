@@ -35,6 +35,9 @@ _FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RESERVED_FILES = {"meta.json", "manifest.json"}
 CURRENT = "CURRENT"
 TMP_PREFIX = ".tmp-"
+# Names the store writes itself, refused as adapter ids whatever their case (case-insensitive file
+# systems, and no id should read like the store's own bookkeeping).
+RESERVED_IDS = frozenset(n.casefold() for n in (CURRENT, *_RESERVED_FILES))
 
 
 def validate_adapter_id(adapter_id: str) -> str:
@@ -45,7 +48,18 @@ def validate_adapter_id(adapter_id: str) -> str:
         raise InvalidAdapterId(
             f"invalid adapter id {adapter_id!r}: must match {_ID_RE.pattern} and not contain '..'"
         )
+    if adapter_id.casefold() in RESERVED_IDS:
+        raise InvalidAdapterId(f"adapter id {adapter_id!r} is reserved: the store uses that name itself "
+                               f"(reserved, any case: {', '.join(sorted(RESERVED_IDS))})")
     return adapter_id
+
+
+def _is_adapter_id(name: str) -> bool:
+    try:
+        validate_adapter_id(name)
+    except InvalidAdapterId:
+        return False
+    return True
 
 
 def _check_version(version: str) -> str:
@@ -232,7 +246,7 @@ class AdapterStore:
                 if name.startswith(TMP_PREFIX):
                     _rmtree(entry)
                     continue
-                if not _ID_RE.match(name) or ".." in name or not entry.is_dir() or entry.is_symlink():
+                if not _is_adapter_id(name) or not entry.is_dir() or entry.is_symlink():
                     continue
                 version = self.current(name)
                 if version is None or not self._version_ok(entry / version):

@@ -9,7 +9,7 @@ plus a ``ProjectionFamily`` naming the shared random projections (ADAPTERS.md §
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Union
 
 import torch
@@ -38,11 +38,23 @@ class BaseModelSpec:
     """What the server tells the parser about its loaded base model."""
 
     layers: dict[str, TargetLayer]  # all adaptable layers, keyed by path
-    # path -> base weight W0 [out, in] (any float dtype). Only DoRA needs it (its row norms depend
-    # on W0), so it is a callable: the server need not materialise copies for other kinds.
+    # path -> base weight W0 [out, in] (any float dtype). DoRA needs it (its row norms depend on W0)
+    # and the LoRA-family size check needs ||W0||_F (``weight_norm``), so it is a callable: the
+    # server need not materialise copies.
     weight: Callable[[str], torch.Tensor]
     max_rank: int = 256
     max_bytes: int = 512 * 2**20
+    # path -> ||W0||_F, filled on first use: the base weights are frozen, so each is computed once.
+    _weight_norms: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def weight_norm(self, path: str) -> float:
+        """Frobenius norm of the base weight of ``path`` (cached)."""
+        norm = self._weight_norms.get(path)
+        if norm is None:
+            with torch.no_grad():
+                norm = float(torch.linalg.vector_norm(self.weight(path).detach().float()))
+            self._weight_norms[path] = norm
+        return norm
 
 
 @dataclass(slots=True)

@@ -15,8 +15,10 @@ from typing import Any
 
 import torch
 
-from ..config_checks import check_common, get_bool, get_int, get_number
+from ..config_checks import check_common, get_bool, get_int, get_positive
+from ..delta_size import check_lora_update
 from ..errors import InvalidAdapter, UnsupportedAdapter
+from ..targets import parse_targets
 from ..tensors import KEY_PREFIX, check_shape, group_by_module
 from ..types import BaseModelSpec, LayerFactors, ParsedAdapter
 from .common import base_layer, check_rank, short_names
@@ -50,8 +52,11 @@ def parse_adalora(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: B
     if get_bool(cfg, "lora_bias"):
         raise UnsupportedAdapter("AdaLoRA with lora_bias is not supported")
     init_r = get_int(cfg, "init_r", 12)
-    alpha = get_number(cfg, "lora_alpha", 8)
+    # PEFT's AdaLoRA scales by r when lora_alpha is 0 (``lora_alpha if lora_alpha > 0 else r``), so 0
+    # is a real setting here; a negative alpha only reaches that fallback by accident.
+    alpha = get_positive(cfg, "lora_alpha", 8, allow_zero=True)
     pattern = _rank_pattern(cfg, init_r)
+    targets = parse_targets(cfg, base)
     # ranknum is a float32 parameter filled with float(init_r); `+ 1e-5` happens in float32.
     denom = torch.tensor([float(init_r)], dtype=torch.float32) + 1e-5
 
@@ -86,7 +91,10 @@ def parse_adalora(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: B
         scaling = alpha if alpha > 0 else float(r)
         layers[path] = LayerFactors(A=(A * E).contiguous(), B=B.contiguous(), scale=float(scaling),
                                     divisor=float(denom.item()))
+        src = f"lora_alpha={alpha!r}" if alpha > 0 else f"r={r} (lora_alpha=0)"
+        check_lora_update(path, layers[path], base, f"scale {scaling:.3g} = {src} / (init_r={init_r} + 1e-5)")
 
     if not layers:
         raise InvalidAdapter("AdaLoRA adapter has no layer with rank > 0")
+    targets.check_file(groups, base)  # rank-0 layers too: PEFT created them
     return ParsedAdapter(kind="adalora", layers=layers, target_modules=short_names(layers))

@@ -14,16 +14,18 @@ from typing import Any
 import torch
 
 from ..config_checks import (
-    as_number,
+    as_positive,
     check_common,
     check_pattern_keys,
     get_bool,
     get_dict,
     get_int,
-    get_number,
+    get_positive,
     match_pattern,
 )
+from ..delta_size import check_lora_update
 from ..errors import InvalidAdapter, UnsupportedAdapter
+from ..targets import parse_targets
 from ..tensors import KEY_PREFIX, check_shape, group_by_module
 from ..types import BaseModelSpec, LayerFactors, ParsedAdapter
 from .common import base_layer, check_rank, short_names
@@ -36,7 +38,7 @@ def parse_lora(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: Base
                metadata: Mapping[str, str] | None = None) -> ParsedAdapter:
     check_common(cfg)
     r_default = get_int(cfg, "r", 8)
-    alpha_default = get_number(cfg, "lora_alpha", 8)
+    alpha_default = get_positive(cfg, "lora_alpha", 8)
     use_rslora = get_bool(cfg, "use_rslora")
     use_dora = get_bool(cfg, "use_dora")
     lora_bias = get_bool(cfg, "lora_bias")
@@ -46,6 +48,8 @@ def parse_lora(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: Base
     alpha_pattern = get_dict(cfg, "alpha_pattern")
     check_pattern_keys("rank_pattern", rank_pattern)
     check_pattern_keys("alpha_pattern", alpha_pattern)
+    alphas = {k: as_positive(v, f"alpha_pattern[{k!r}]") for k, v in alpha_pattern.items()}
+    targets = parse_targets(cfg, base)
 
     groups = group_by_module(tensors, (_A, _B, _BIAS, _MAG))
     layers: dict[str, LayerFactors] = {}
@@ -79,9 +83,11 @@ def parse_lora(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: Base
             raise InvalidAdapter(f"module {path!r}: tensor rank {r} does not match config {src}={expected_r!r}")
         check_rank(base, path, r)
         ak = match_pattern(alpha_pattern, path)
-        alpha = alpha_default if ak is None else as_number(alpha_pattern[ak], f"alpha_pattern[{ak!r}]")
+        alpha = alpha_default if ak is None else alphas[ak]
         # Same Python-float expression as LoraLayer.update_layer, so the scale is bit-identical.
         scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        src = "lora_alpha" if ak is None else f"alpha_pattern[{ak!r}]"
+        scale_desc = f"scale {scale:.3g} = {src}={alpha!r} / {'sqrt(r)' if use_rslora else 'r'} (r={r})"
 
         bias = None
         if lora_bias:
@@ -95,8 +101,10 @@ def parse_lora(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: Base
         layers[path] = LayerFactors(
             A=A.contiguous(), B=B.contiguous(), scale=scale, bias=bias, output_scale=output_scale
         )
+        check_lora_update(path, layers[path], base, scale_desc, t.get(_MAG))
 
     if not layers:
         raise InvalidAdapter("adapter_model.safetensors contains no LoRA layers")
+    targets.check_file(groups, base)
     kind = "dora" if use_dora else ("rslora" if use_rslora else "lora")
     return ParsedAdapter(kind=kind, layers=layers, target_modules=short_names(layers))

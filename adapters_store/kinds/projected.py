@@ -21,6 +21,7 @@ import torch
 from ..config_checks import check_common, get_bool, get_int
 from ..errors import InvalidAdapter, UnsupportedAdapter
 from ..projections import ProjectionFamily, projection_digest, shared_projections
+from ..targets import Targets, parse_targets
 from ..tensors import KEY_PREFIX, group_by_module
 from ..types import AnyFactors, BaseModelSpec, ParsedAdapter, TargetLayer
 from .common import base_layer, short_names
@@ -70,24 +71,20 @@ def _split(tensors: dict[str, torch.Tensor], spec: ProjectedKind
     return rest, model_level
 
 
-def _check_coverage(cfg: dict[str, Any], base: BaseModelSpec, paths: set[str], dims: tuple[int, int],
+def _check_coverage(targets: Targets, base: BaseModelSpec, paths: set[str], dims: tuple[int, int],
                     label: str) -> None:
     """PEFT sizes the projections over the layers the *config* targets (``_find_dim``); we size them over
-    the layers in the file. For PEFT-saved files the two agree. When target_modules is a plain list
-    we can check it, and reject a file whose missing layers would change the projection shapes."""
-    tm = cfg.get("target_modules")
-    if not (isinstance(tm, list) and all(isinstance(t, str) for t in tm)):
-        return  # regex string / "all-linear": not re-implemented, trust the file
-    if any(cfg.get(k) not in (None, [], "") for k in ("layers_to_transform", "layers_pattern", "exclude_modules")):
-        return
-    missing = [p for p in base.layers if p not in paths and any(p == t or p.endswith("." + t) for t in tm)]
+    the layers in the file. For PEFT-saved files the two agree. Reject a file whose missing layers
+    would change the projection shapes (not checkable when target_modules is missing: PEFT's default)."""
+    selected = targets.config_layers(base)
+    missing = [] if selected is None else sorted(selected - paths)
     if not missing:
         return
     out = max([dims[0]] + [base.layers[p].out_features for p in missing])
     inn = max([dims[1]] + [base.layers[p].in_features for p in missing])
     if (out, inn) != dims:
         raise InvalidAdapter(
-            f"{label} config target_modules also targets {sorted(missing)[:3]} (not in the file); PEFT would size "
+            f"{label} config target_modules also targets {missing[:3]} (not in the file); PEFT would size "
             f"the shared projections as max (out, in)={(out, inn)}, the file's layers give {dims}"
         )
 
@@ -139,6 +136,7 @@ def _projections(spec: ProjectedKind, family: ProjectionFamily, model_level: dic
 def parse_projected(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelSpec,
                     metadata: Mapping[str, str], spec: ProjectedKind) -> ParsedAdapter:
     r, seed, save_projection = _config(cfg, base, spec)
+    targets = parse_targets(cfg, base)
     rest, model_level = _split(tensors, spec)
     names = spec.proj_names
     groups = group_by_module(rest, spec.vectors + names)
@@ -157,8 +155,9 @@ def parse_projected(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base:
     if not layer_t:
         raise InvalidAdapter(f"adapter_model.safetensors contains no {spec.label} layers")
 
+    targets.check_file(layer_t, base)
     dims = (max(lt[0].out_features for lt in layer_t.values()), max(lt[0].in_features for lt in layer_t.values()))
-    _check_coverage(cfg, base, set(layer_t), dims, spec.label)
+    _check_coverage(targets, base, set(layer_t), dims, spec.label)
     family = spec.family(cfg, r, seed, dims)
     layers = {path: spec.layer(path, layer, t, family) for path, (layer, t) in sorted(layer_t.items())}
     family, proj = _projections(spec, family, model_level, copies, save_projection, metadata)

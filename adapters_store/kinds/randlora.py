@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..config_checks import get_bool, get_number
+from ..config_checks import get_bool, get_positive
 from ..projections import ProjectionFamily, ceil_div_like_peft
 from ..tensors import KEY_PREFIX, check_shape
 from ..types import BaseModelSpec, ParsedAdapter, RandLoraFactors, TargetLayer
@@ -52,5 +52,5 @@ def _make_layer(alpha: float):
 def parse_randlora(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelSpec,
                    metadata: Mapping[str, str] | None = None) -> ParsedAdapter:
     spec = ProjectedKind(kind="randlora", label="RandLoRA", vectors=(_GAMMA, _LAM), r_default=32,
-                         family=_family, layer=_make_layer(get_number(cfg, "randlora_alpha", 640)))
+                         family=_family, layer=_make_layer(get_positive(cfg, "randlora_alpha", 640)))
     return parse_projected(cfg, tensors, base, metadata or {}, spec)
