@@ -18,12 +18,6 @@ from kernels.lora import LinearFactors, lora_rows_ref
 from kernels.shared_bases import RandLoraStack, VeraStack, randlora_family_ref, vera_family_ref
 
 
-# A few rows' thin LoRA matmuls are faster on one thread than on two that must synchronise (measured
-# on this project's 2-core CPU, x[rows] Aᵀ then addmm into y, r16, 576→576: 2 rows 14 µs on one thread
-# vs 27 µs on two, 64 rows 63 vs 79 µs, 128 rows 100 vs 68 µs). Decode groups are that small.
-SINGLE_THREAD_ROWS = 64
-
-
 @dataclass(frozen=True, slots=True)
 class TokenGroup:
     """Rows [start, end) of the packed batch all use the adapter in `slot`.
@@ -85,23 +79,16 @@ class AdapterBatch:
         return y
 
     def _lora(self, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
-        """LoRA-family adapters, one row range at a time (the backend-specific part)."""
-        threads = torch.get_num_threads()
-        current = threads
-        try:
-            for group in self.groups:
-                factors = self.slot_factors[group.slot].get(layer.key)
-                if factors is None:
-                    continue
-                wanted = 1 if group.end - group.start <= SINGLE_THREAD_ROWS else threads
-                if wanted != current:
-                    torch.set_num_threads(wanted)
-                    current = wanted
-                rows = slice(group.start, group.end)
-                lora_rows_ref(x[rows], y[rows], layer.bias, factors)
-        finally:
-            if current != threads:
-                torch.set_num_threads(threads)
+        """LoRA-family adapters, one row range at a time (the backend-specific part).
+
+        Always at the process's thread count, as PEFT runs: on AVX-512 machines MKL picks another
+        kernel for one thread than for two, and running small groups single-threaded (faster on an
+        AVX2 machine) moved DoRA's logits 1.06e-4 away from PEFT's; at the same thread count they
+        are bit-identical."""
+        for group in self.groups:
+            factors = self.slot_factors[group.slot].get(layer.key)
+            if factors is not None:
+                lora_rows_ref(x[group.start:group.end], y[group.start:group.end], layer.bias, factors)
 
     def _vera(self, family: FamilyRows, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
         stack = self.family_layers.vera_stack(family.key, layer.key)
