@@ -11,6 +11,7 @@ import torch
 
 from adapters_store import AdapterRegistry, AdapterStore
 from kernels.backend import BACKENDS, describe_backend, select_backend
+from server.adapters.frozen_base import FrozenBase
 from server.adapters.host_cache import HostCache
 from server.adapters.manager import AdapterManager
 from server.adapters.packing import base_model_spec
@@ -89,7 +90,8 @@ def build_runtime(config: ServerConfig) -> Runtime:
     metrics = Metrics()
     adapter_cfg = config.adapters
     linears = model.adapted_linears()
-    spec = base_model_spec(linears, adapter_cfg.max_rank, int(adapter_cfg.max_upload_mb * 2**20))
+    base = FrozenBase.capture(linears)   # before anything can merge: the weights as loaded
+    spec = base_model_spec(linears, base, adapter_cfg.max_rank, int(adapter_cfg.max_upload_mb * 2**20))
     cache = HostCache(int(adapter_cfg.host_cache_gb * 2**30))
     service = AdapterService(AdapterStore(config.adapters_dir), AdapterRegistry(), cache, spec)
     recovered = service.recover()
@@ -97,7 +99,7 @@ def build_runtime(config: ServerConfig) -> Runtime:
     scheduler = Scheduler(SlotAllocator(num_slots), config.engine.max_batched_tokens, table)
     eos = frozenset(model_config.eos_token_ids)
     kernel_backend = resolve_kernel_backend(device)
-    manager = AdapterManager(table, cache, linears, dtype, device, backend=kernel_backend,
+    manager = AdapterManager(table, cache, linears, base, dtype, device, backend=kernel_backend,
                              max_step_tokens=config.engine.max_batched_tokens)
     runner = ModelRunner(model, kv_cache, manager)
     policy = PhasePolicy(max_wait_s=adapter_cfg.max_merge_wait_ms / 1000)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from kernels.batch import TokenGroup
+from server.adapters.frozen_base import FrozenBase
 from server.adapters.host_cache import HostCache
 from server.adapters.manager import AdapterManager
 from server.adapters.slot_table import SlotTable
@@ -95,7 +96,8 @@ def our_logits(model: LlamaModel, ids: torch.Tensor, parsed=None) -> torch.Tenso
         cache.put("v", parsed)
         table = SlotTable(1)
         table.acquire("v")
-        manager = AdapterManager(table, cache, model.adapted_linears(), torch.float32)
+        linears = model.adapted_linears()
+        manager = AdapterManager(table, cache, linears, FrozenBase.capture(linears), torch.float32)
         manager.load_pending()
         adapters = manager.plan([TokenGroup(0, 0, n)], n)
     ctx = ForwardContext(input_ids=ids, positions=torch.arange(n), kv_slots=torch.zeros(n, dtype=torch.long),

@@ -148,6 +148,22 @@ BAD_UPLOADS = {
     "int tensors": (files(tensors={k: v.to(torch.int32) for k, v in lora_tensors().items()}), 422, "dtype"),
     "too large": (files(tensors=lora_tensors(rank=64, layers=range(30))), 413, "limit"),
     "missing peft_type": (files(config={"r": 4}), 422, "peft_type"),
+    # Found by an outside tester (issue 10): accepted before, none can be what the user meant.
+    "reserved id": (files(adapter_id="CURRENT"), 400, "reserved"),
+    "reserved id any case": (files(adapter_id="current"), 400, "reserved"),
+    "target embed_tokens": (files(config=lora_config(target_modules=["embed_tokens"])), 422, "embed_tokens"),
+    "target lm_head without tensors": (files(config=lora_config(target_modules=["lm_head", "q_proj", "v_proj"])),
+                                       422, "lm_head"),
+    "targets miss file layers": (files(config=lora_config(target_modules=["q_proj"])), 422, "v_proj"),
+    "layer 999": (files(config=lora_config(layers_to_transform=[999])), 422, "999"),
+    "alpha 1e308": (files(config=lora_config(lora_alpha=1e308)), 422, "alpha"),
+    "alpha 1e30": (files(config=lora_config(lora_alpha=1e30)), 422, "alpha"),
+    "alpha 0": (files(config=lora_config(lora_alpha=0)), 422, "alpha"),
+    "alpha negative": (files(config=lora_config(lora_alpha=-8)), 422, "alpha"),
+    "alpha_pattern 1e30": (files(config=lora_config(alpha_pattern={"q_proj": 1e30})), 422, "alpha"),
+    "config nested 100k deep": (files(config=b"[" * 100_000 + b"]" * 100_000), 400, "JSON"),
+    "config a list": (files(config=b"[1, 2]"), 400, "object"),
+    "weights header length huge": (files(tensors=(2**62).to_bytes(8, "little") + b"{}"), 400, "safetensors"),
 }
 
 
@@ -159,6 +175,21 @@ async def test_bad_upload_is_rejected_and_store_unchanged(client, adapters_dir, 
     assert r.status_code == status, r.text
     assert needle.lower() in r.json()["error"]["message"].lower()
     assert snapshot(adapters_dir) == before
+
+
+async def test_cross_site_upload_is_refused(client, adapters_dir):
+    """A web page can post a multipart form to localhost without a CORS preflight: the Origin header
+    it cannot avoid sending is what refuses it. Clients that are not browsers send no Origin."""
+    before = snapshot(adapters_dir)
+    data, upload = files(adapter_id="from-evil")
+    r = await client.post("/adapters", data=data, files=upload, headers={"origin": "http://evil.example"})
+    assert r.status_code == 403 and "evil.example" in r.json()["error"]["message"]
+    r = await client.delete("/adapters/good", headers={"origin": "null"})
+    assert r.status_code == 403
+    assert snapshot(adapters_dir) == before
+    preflight = await client.options("/generate", headers={"origin": "http://evil.example",
+                                                           "access-control-request-method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
 
 
 @pytest.mark.parametrize("request_kwargs,needle", [

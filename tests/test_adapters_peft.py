@@ -87,6 +87,7 @@ def test_tiny_llama_with_biases_matches_peft(tmp_path, case):
     from transformers import LlamaForCausalLM
 
     from adapters_store import parse_adapter
+    from server.adapters.frozen_base import FrozenBase
     from server.adapters.packing import base_model_spec
 
     model_dir = build_tiny_llama(tmp_path / "base", seed=7, attention_bias=True, mlp_bias=True)
@@ -101,7 +102,7 @@ def test_tiny_llama_with_biases_matches_peft(tmp_path, case):
     adapter_dir = tmp_path / "adapter"
     config_bytes, weights = save_peft_adapter(hf, config, adapter_dir, seed=3, scale=0.2)
     ours_model = load_model(model_dir, torch.float32, 64)
-    spec = base_model_spec(ours_model.adapted_linears(), 64, 2**30)
+    spec = base_model_spec(ours_model.adapted_linears(), FrozenBase.capture(ours_model.adapted_linears()), 64, 2**30)
     parsed = parse_adapter(config_bytes, weights, spec)
     ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

@@ -163,3 +163,37 @@ def test_policy_gathered_requests_are_never_held():
     assert policy.next_phase(GATHERED, [W("b", None), W("m", "V", "merged")], now=0.0) == Phase("V")
     policy.unmergeable.add("V")
     assert policy.next_phase(GATHERED, [W("m", "V", "merged")], now=0.0) == GATHERED
+
+
+def test_dora_uploaded_while_another_adapter_is_merged_gives_peft_logits(demo_runtime, hf_demo_model,
+                                                                         tmp_path_factory):
+    """DoRA's norms come from W0. Uploaded during a merged phase, they must still be read from the
+    weights as loaded (the frozen base), not from the merged ones (found by an outside check)."""
+    from peft import LoraConfig
+    from tests.peft_helpers import load_peft
+    big = save_peft_adapter(hf_demo_model, LoraConfig(r=16, lora_alpha=32, target_modules=ALL_TARGETS),
+                            tmp_path_factory.mktemp("big-delta"), seed=7, scale=0.3)
+    big_version = demo_runtime.adapters.retain(demo_runtime.adapters.upload("merged-big", *big).adapter_id)
+    dora_dir = tmp_path_factory.mktemp("dora-during-merge")
+    dora = save_peft_adapter(hf_demo_model, LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                                       target_modules=["q_proj", "v_proj", "down_proj"]),
+                             dora_dir, seed=8)
+    manager = demo_runtime.engine.runner.adapters
+    pristine(demo_runtime)
+    manager.merge(big_version)
+    try:
+        info = demo_runtime.adapters.upload("dora-during-merge", *dora)
+    finally:
+        manager.restore()
+        demo_runtime.adapters.cache.release(big_version)
+    during_merge = demo_runtime.adapters.cache.get(info.version)
+    gathered = demo_runtime.adapters.upload("dora-while-gathered", *dora)
+    assert gathered.version == info.version
+    for path, layer in demo_runtime.adapters.cache.get(gathered.version).layers.items():
+        assert torch.equal(layer.output_scale, during_merge.layers[path].output_scale), path
+    ids = torch.tensor(demo_runtime.tokenizer.encode_chat([{"role": "user", "content": "Name a planet."}]))
+    with torch.no_grad():
+        theirs = load_peft(hf_demo_model, dora_dir)(ids[None]).logits[0]
+    ours = our_logits(pristine(demo_runtime), ids, during_merge)
+    print(f"max |ours - peft| = {(ours - theirs).abs().max().item():.2e}")
+    assert (ours - theirs).abs().max().item() < 1e-4

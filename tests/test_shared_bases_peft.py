@@ -161,6 +161,7 @@ def test_tiny_llama_all_targets_including_wide_inputs(tmp_path, kind):
     from transformers import LlamaForCausalLM
 
     from adapters_store import parse_adapter
+    from server.adapters.frozen_base import FrozenBase
     from server.adapters.packing import base_model_spec
 
     model_dir = build_tiny_llama(tmp_path / "base", seed=8)
@@ -171,7 +172,7 @@ def test_tiny_llama_all_targets_including_wide_inputs(tmp_path, kind):
                                                 projection_prng_key=3)}[kind]
     config_bytes, weights = save_peft_adapter(hf, config, tmp_path / "adapter", seed=4, scale=0.3)
     ours = load_model(model_dir, torch.float32, 64)
-    parsed = parse_adapter(config_bytes, weights, base_model_spec(ours.adapted_linears(), 64, 2**30))
+    parsed = parse_adapter(config_bytes, weights, base_model_spec(ours.adapted_linears(), FrozenBase.capture(ours.adapted_linears()), 64, 2**30))
     ids = torch.randint(0, 300, (30,), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         theirs = load_peft(hf, tmp_path / "adapter")(ids[None]).logits[0]

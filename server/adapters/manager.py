@@ -22,6 +22,7 @@ from kernels.segments import StepBuffers
 from kernels.shared_bases import RandLoraStack, VeraStack
 from kernels.slot_store import LoraSlotStore
 from server.adapters.families import FamilyCache
+from server.adapters.frozen_base import FrozenBase
 from server.adapters.host_cache import HostCache
 from server.adapters.merge import WeightMerger
 from server.adapters.packing import pack_adapter
@@ -30,7 +31,7 @@ from server.model.layers import AdaptedLinear
 
 
 class AdapterManager:
-    def __init__(self, table: SlotTable, cache: HostCache, linears: list[AdaptedLinear],
+    def __init__(self, table: SlotTable, cache: HostCache, linears: list[AdaptedLinear], base: FrozenBase,
                  dtype: torch.dtype, device: torch.device | str = "cpu", backend: str = "torch",
                  max_step_tokens: int = 2048) -> None:
         if backend not in BACKENDS:
@@ -41,7 +42,7 @@ class AdapterManager:
         self.dtype = dtype
         self.device = device
         self.families = FamilyCache(dtype, device)
-        self.merger = WeightMerger(linears)
+        self.merger = WeightMerger(linears, base)
         num = table.num_slots
         self.slot_factors: list[dict[str, LinearFactors] | None] = [None] * num
         self.slot_family: list[tuple[str, str] | None] = [None] * num   # (kind, family key) or None

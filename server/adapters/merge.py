@@ -1,9 +1,10 @@
 """Merged mode: write one adapter into the base weights, and put the exact base weights back.
 
 `W = W0 + ΔW` (DoRA: `g ⊙ (W0 + ΔW)`) is computed in float32 from the adapter's canonical factors
-and cast once to the model dtype, into a copy of each affected (packed) weight. Restoring rebinds
-the original tensors: nothing is subtracted or recomputed, so the base is bit-identical afterwards,
-and a restore costs no copy at all.
+and the frozen base's W0, cast once to the model dtype, into a new tensor per affected (packed)
+weight. Restoring rebinds the frozen base's tensors: nothing is subtracted or recomputed, so the base
+is bit-identical afterwards, and a restore costs no copy at all. Nothing here writes into a frozen
+base tensor.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters_store import ParsedAdapter
+from server.adapters.frozen_base import FrozenBase
 from server.model.layers import AdaptedLinear
 
 
@@ -24,7 +26,7 @@ class CannotMerge(Exception):
 @dataclass(slots=True)
 class MergeState:
     version: str | None = None          # the merged adapter, None = pristine base
-    originals: dict[int, tuple[AdaptedLinear, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    merged: list[AdaptedLinear] = field(default_factory=list)   # layers whose weights are rebound
     merges: int = 0
     restores: int = 0
     merge_seconds: float = 0.0
@@ -32,8 +34,9 @@ class MergeState:
 
 
 class WeightMerger:
-    def __init__(self, linears: list[AdaptedLinear]) -> None:
+    def __init__(self, linears: list[AdaptedLinear], base: FrozenBase) -> None:
         self.linears = linears
+        self.base = base
         self.state = MergeState()
 
     @torch.no_grad()
@@ -58,8 +61,9 @@ class WeightMerger:
         return elapsed
 
     def _merge_linear(self, linear: AdaptedLinear, targeted: list, parsed: ParsedAdapter) -> None:
-        weight = linear.weight.data.clone()
-        bias = None if linear.bias is None else linear.bias.data.clone()
+        base_bias = self.base.bias(linear)
+        weight = self.base.weight(linear).clone()
+        bias = None if base_bias is None else base_bias.clone()
         for s in targeted:
             rows = slice(s.out_start, s.out_start + s.out_features)
             # The parsed adapter lives in host memory: the float32 math runs there (a no-op move on CPU).
@@ -69,7 +73,7 @@ class WeightMerger:
             weight[rows] = parsed.merged_weight(s.path, weight[rows].cpu()).to(weight.device, weight.dtype)
             if merged_bias is not None:
                 bias[rows] = merged_bias.to(bias.device, bias.dtype)
-        self.state.originals[id(linear)] = (linear, linear.weight.data, None if bias is None else linear.bias.data)
+        self.state.merged.append(linear)
         linear.weight.data = weight
         if bias is not None:
             linear.bias.data = bias
@@ -87,8 +91,8 @@ class WeightMerger:
         return elapsed
 
     def _rebind_originals(self) -> None:
-        for linear, weight, bias in self.state.originals.values():
-            linear.weight.data = weight
-            if bias is not None:
-                linear.bias.data = bias
-        self.state.originals.clear()
+        for linear in self.state.merged:
+            linear.weight.data = self.base.weight(linear)
+            if linear.bias is not None:
+                linear.bias.data = self.base.bias(linear)
+        self.state.merged.clear()

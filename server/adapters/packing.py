@@ -7,23 +7,16 @@ import torch
 from adapters_store import BaseModelSpec, LayerFactors, ParsedAdapter, RandLoraFactors, TargetLayer, VeraFactors
 from kernels.lora import AnySlice, LinearFactors, RandLoraSlice, SliceFactors, VeraSlice
 from server.adapters.families import FamilyBases
+from server.adapters.frozen_base import FrozenBase
 from server.model.layers import AdaptedLinear
 
 
-def base_model_spec(linears: list[AdaptedLinear], max_rank: int, max_bytes: int) -> BaseModelSpec:
-    """Describe every targetable projection by its checkpoint path and shape."""
-    layers: dict[str, TargetLayer] = {}
-    where: dict[str, tuple[AdaptedLinear, slice]] = {}
-    for linear in linears:
-        for s in linear.slices:
-            layers[s.path] = TargetLayer(s.path, s.out_features, linear.in_features, linear.bias is not None)
-            where[s.path] = (linear, slice(s.out_start, s.out_start + s.out_features))
-
-    def weight(path: str) -> torch.Tensor:
-        linear, rows = where[path]
-        return linear.weight[rows]
-
-    return BaseModelSpec(layers=layers, weight=weight, max_rank=max_rank, max_bytes=max_bytes)
+def base_model_spec(linears: list[AdaptedLinear], base: FrozenBase, max_rank: int, max_bytes: int) -> BaseModelSpec:
+    """Describe every targetable projection by its checkpoint path and shape; weights come from the
+    frozen base, never from the live (possibly merged) layers."""
+    layers = {s.path: TargetLayer(s.path, s.out_features, linear.in_features, linear.bias is not None)
+              for linear in linears for s in linear.slices}
+    return BaseModelSpec(layers=layers, weight=base.projection_weight, max_rank=max_rank, max_bytes=max_bytes)
 
 
 def pack_adapter(parsed: ParsedAdapter, linears: list[AdaptedLinear], dtype: torch.dtype,

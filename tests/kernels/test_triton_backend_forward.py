@@ -63,6 +63,7 @@ def test_slot_store_grows_and_keeps_loaded_slots():
 # ------------------------------------------------------------------------------ the subprocess side
 def _manager(model, parsed: dict, backend: str):
     """An AdapterManager with adapter i of `parsed` loaded into slot i."""
+    from server.adapters.frozen_base import FrozenBase
     from server.adapters.host_cache import HostCache
     from server.adapters.manager import AdapterManager
     from server.adapters.slot_table import SlotTable
@@ -72,7 +73,8 @@ def _manager(model, parsed: dict, backend: str):
     for name, adapter_ in parsed.items():   # slot i = i-th adapter, loaded in this order
         cache.put(name, adapter_)
         table.acquire(name)
-    manager = AdapterManager(table, cache, model.adapted_linears(), torch.float32, backend=backend,
+    linears = model.adapted_linears()
+    manager = AdapterManager(table, cache, linears, FrozenBase.capture(linears), torch.float32, backend=backend,
                              max_step_tokens=64)
     manager.load_pending()
     return manager
@@ -104,6 +106,7 @@ def main(workdir: Path) -> None:
     from triton.runtime.interpreter import InterpretedFunction
 
     from adapters_store import parse_adapter
+    from server.adapters.frozen_base import FrozenBase
     from server.adapters.packing import base_model_spec
     from server.model.loader import load_model
     from server.runtime import resolve_kernel_backend
@@ -121,7 +124,7 @@ def main(workdir: Path) -> None:
         "rslora-r80": LoraConfig(r=80, lora_alpha=16, use_rslora=True, target_modules=["k_proj", "gate_proj"]),
     }
     model = load_model(model_dir, torch.float32, 64)
-    spec = base_model_spec(model.adapted_linears(), 128, 2**30)
+    spec = base_model_spec(model.adapted_linears(), FrozenBase.capture(model.adapted_linears()), 128, 2**30)
     parsed = {}
     files = {}
     for i, (name, config) in enumerate(configs.items()):
