@@ -68,7 +68,7 @@ def merge_costs(runtime: Runtime) -> list[list]:
                         ("VeRA r256 qkvo", vera_files(runtime, 256, QKVO, 0, 3)),
                         ("RandLoRA r32 qkvo", randlora_files(runtime, 32, QKVO, 0, 4))):
         version = runtime.adapters.upload(f"merge-{kind.split()[0].lower()}", *files).version
-        runtime.adapters.cache.retain(version, lambda: None)
+        runtime.adapters.cache.hold(version)
         merges, restores = [], []
         for _ in range(3):
             merges.append(manager.merge(version))
@@ -103,7 +103,7 @@ def replay(runtime: Runtime, trace: list[tuple[float, int]], mode: str, tokens: 
             time.sleep(max(0.0, start + at - time.perf_counter()))
             rid = f"t{i}"
             arrival[rid] = time.perf_counter()
-            version = runtime.adapters.retain(f"zipf-{adapter}")
+            version = runtime.adapters.resolve(f"zipf-{adapter}")
             engine.submit(Request(rid, batch[i], SamplingParams(max_tokens=tokens, ignore_eos=True),
                                   emit=clock.sink(rid), adapter_version=version, arrival_time=arrival[rid], mode=mode))
         clock.all_done.wait(timeout=900)

@@ -123,7 +123,7 @@ def run_engine(runtime: Runtime, batch: list[list[int]], new_tokens: int,
     start = time.perf_counter()
     for i, ids in enumerate(batch):
         adapter_id = adapter_ids[i] if adapter_ids else None
-        version = None if adapter_id is None else runtime.adapters.retain(adapter_id)
+        version = None if adapter_id is None else runtime.adapters.resolve(adapter_id)
         engine.admit(Request(f"b{i}", ids, SamplingParams(max_tokens=new_tokens, ignore_eos=True),
                              emit=clock.sink(f"b{i}"), adapter_version=version, arrival_time=start, mode=mode))
     decode_steps = []

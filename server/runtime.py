@@ -20,8 +20,8 @@ from server.adapters.slot_table import SlotTable
 from server.config import ServerConfig, available_cores
 from server.engine.engine import Engine
 from server.engine.kv_cache import KVCache, bytes_per_slot
-from server.engine.kv_slots import SlotAllocator
-from server.engine.phases import PhasePolicy
+from server.engine.kv_slots import KVSlotAllocator
+from server.engine.phases import PhaseController, PhasePolicy
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.errors import ModelLoadError
@@ -93,17 +93,19 @@ def build_runtime(config: ServerConfig) -> Runtime:
     base = FrozenBase.capture(linears)   # before anything can merge: the weights as loaded
     spec = base_model_spec(linears, base, adapter_cfg.max_rank, int(adapter_cfg.max_upload_mb * 2**20))
     cache = HostCache(int(adapter_cfg.host_cache_gb * 2**30))
-    service = AdapterService(AdapterStore(config.adapters_dir), AdapterRegistry(), cache, spec)
+    service = AdapterService(AdapterStore(config.adapters_dir), AdapterRegistry(), cache, spec,
+                             observe_load_seconds=metrics.adapter_load_seconds.labels("host").observe)
     recovered = service.recover()
     table = SlotTable(adapter_cfg.max_slots)
-    scheduler = Scheduler(SlotAllocator(num_slots), config.engine.max_batched_tokens, table)
+    metrics.watch_tiers({"slot": table.counts, "host": cache.counts})
+    scheduler = Scheduler(KVSlotAllocator(num_slots), config.engine.max_batched_tokens, table, cache)
     eos = frozenset(model_config.eos_token_ids)
     kernel_backend = resolve_kernel_backend(device)
     manager = AdapterManager(table, cache, linears, base, dtype, device, backend=kernel_backend,
                              max_step_tokens=config.engine.max_batched_tokens)
-    runner = ModelRunner(model, kv_cache, manager)
-    policy = PhasePolicy(max_wait_s=adapter_cfg.max_merge_wait_ms / 1000)
-    engine = Engine(runner, scheduler, tokenizer, metrics, max_len, eos, policy)
+    runner = ModelRunner(model, kv_cache, manager, observe_slot_load=metrics.adapter_load_seconds.labels("slot").observe)
+    phases = PhaseController(PhasePolicy(max_wait_s=adapter_cfg.max_merge_wait_ms / 1000), manager)
+    engine = Engine(runner, scheduler, tokenizer, metrics, max_len, eos, phases)
     log.info("loaded %s (%s on %s) in %.1fs: %d KV slots x %d tokens, %d threads, %d adapters in %s, "
              "kernel backend %s", config.model, dtype, device, time.perf_counter() - started, num_slots, max_len,
              torch.get_num_threads(), recovered, config.adapters_dir, describe_backend(kernel_backend, device))

@@ -72,16 +72,18 @@ def make_request(request_id: str, prompt_ids: list[int], **params) -> tuple[Requ
 def drive(runtime: Runtime, schedule: dict[int, list[Request]], max_steps: int = 2000) -> None:
     """Run the engine by hand: requests in schedule[k] are admitted before step k."""
     engine = runtime.engine
-    step = 0
+    step, admitted = 0, -1
     while step < max_steps:
-        for request in schedule.get(step, []):
-            engine.admit(request)
+        if admitted < step:   # a step that could not run yet (merged phase, adapter loading) is retried
+            for request in schedule.get(step, []):
+                engine.admit(request)
+            admitted = step
         if not engine.scheduler.has_work() and step > max(schedule, default=0):
             return
         if engine.step() or not engine.scheduler.has_work():
             step += 1
         else:
-            time.sleep(0.001)  # all work held back by a merged phase: wall time must pass
+            time.sleep(0.001)  # all work held back (merged phase) or loading: wall time must pass
     raise AssertionError("engine did not finish in time")
 
 

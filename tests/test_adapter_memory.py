@@ -35,7 +35,7 @@ class Fake:
     nbytes: int
 
 
-def test_discard_unretained_drops_at_once():
+def test_discard_unheld_drops_at_once():
     cache = HostCache(max_bytes=10**9)
     cache.put("a", Fake(100))
     cache.put("b", Fake(50))
@@ -47,12 +47,11 @@ def test_discard_unretained_drops_at_once():
     assert len(cache) == 1 and cache.nbytes == 50
 
 
-def test_discard_retained_drops_at_last_release():
+def test_discard_held_drops_at_last_release():
     cache = HostCache(max_bytes=10**9)
     parsed = Fake(100)
     cache.put("a", parsed)
-    assert cache.retain("a", lambda: pytest.fail("hit expected")) is parsed
-    assert cache.retain("a", lambda: pytest.fail("hit expected")) is parsed
+    assert cache.hold("a") and cache.hold("a")
     cache.discard("a")
     assert cache.get("a") is parsed and cache.is_discarded("a") and cache.nbytes == 100
     cache.release("a")
@@ -64,7 +63,7 @@ def test_discard_retained_drops_at_last_release():
 def test_put_cancels_pending_discard():
     cache = HostCache(max_bytes=10**9)
     cache.put("a", Fake(100))
-    cache.retain("a", lambda: pytest.fail("hit expected"))
+    assert cache.hold("a")
     cache.discard("a")
     cache.put("a", Fake(100))   # the same content published again (same version)
     assert not cache.is_discarded("a") and cache.nbytes == 100 and len(cache) == 1
@@ -72,17 +71,19 @@ def test_put_cancels_pending_discard():
     assert "a" in cache and cache.nbytes == 100
 
 
-def test_running_total_and_lru_eviction_skip_retained():
+def test_running_total_and_lru_eviction_skip_held():
     cache = HostCache(max_bytes=250)
     for version in "abc":
         cache.put(version, Fake(100))
     assert [v for v in "abc" if v in cache] == ["b", "c"] and cache.nbytes == 200   # a was LRU
-    cache.retain("b", lambda: pytest.fail("hit expected"))
+    assert cache.hold("b")
     cache.put("c", Fake(120))   # replacing an entry replaces its bytes
     assert cache.nbytes == 220
-    cache.put("d", Fake(100))   # c is LRU and unretained; b is retained
+    cache.put("d", Fake(100))   # c is LRU and unheld; b is held
     assert [v for v in "bcd" if v in cache] == ["b", "d"] and cache.nbytes == 200
-    loaded = cache.retain("e", lambda: Fake(100))   # a miss loads; over budget with b, e retained
+    assert not cache.hold("e")                      # a miss: the loader brings it in
+    loaded = Fake(100)
+    cache.fill("e", loaded)                         # over budget with b, e held
     assert cache.get("e") is loaded and "d" not in cache and cache.nbytes == 200
     cache.release("b")
     cache.release("e")
@@ -99,9 +100,9 @@ def test_trim_only_after_enough_dropped_bytes(monkeypatch):
     cache.discard("v1")
     cache.discard("v2")
     assert calls == []          # 900 bytes dropped
-    cache.retain("v3", lambda: pytest.fail("hit expected"))
+    assert cache.hold("v3")
     cache.discard("v3")
-    assert calls == []          # retained: nothing dropped yet
+    assert calls == []          # held: nothing dropped yet
     cache.release("v3")
     assert calls == [1] and cache.trims == 1   # 1200 bytes dropped: one trim, counter reset
     cache.discard("v4")
@@ -198,11 +199,11 @@ def test_upload_delete_rounds_return_memory(runtime):
 def _request(runtime, rid: str, adapter_id: str | None):
     ids = runtime.tokenizer.encode_chat([{"role": "user", "content": "Name a color."}])
     request, sink = make_request(rid, ids, max_tokens=6, ignore_eos=True)
-    request.adapter_version = None if adapter_id is None else runtime.adapters.retain(adapter_id)
+    request.adapter_version = None if adapter_id is None else runtime.adapters.resolve(adapter_id)
     return request, sink
 
 
-def test_retained_version_survives_delete_until_released(runtime):
+def test_held_version_survives_delete_until_released(runtime):
     service, cache = runtime.adapters, runtime.adapters.cache
     version = upload(runtime, "held", LoraR16(seed=1, scale=0.2).weights(0))
     reference, ref_sink = _request(runtime, "before-delete", "held")
@@ -214,7 +215,7 @@ def test_retained_version_survives_delete_until_released(runtime):
     request, sink = _request(runtime, "holding", "held")
     service.delete("held")
     with pytest.raises(AdapterNotFound):
-        service.retain("held")
+        service.resolve("held")
     assert version in cache and cache.is_discarded(version)
     drive(runtime, {0: [request]})
     assert sink.finish_reason == "length" and sink.token_ids == ref_sink.token_ids

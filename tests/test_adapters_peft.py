@@ -65,7 +65,7 @@ def test_smollm2_greedy_tokens_match_peft(demo_runtime, smol_adapters, name):
                                        eos_token_id=2, pad_token_id=2)[0, len(ids):].tolist()
     if 2 in expected:
         expected = expected[: expected.index(2) + 1]
-    version = demo_runtime.adapters.retain(info.adapter_id)
+    version = demo_runtime.adapters.resolve(info.adapter_id)
     request, sink = make_request("peft-greedy", ids, max_tokens=16)
     request.adapter_version = version
     drive(demo_runtime, {0: [request]})

@@ -37,7 +37,7 @@ def _ids(runtime, text: str) -> list[int]:
 
 def _request(runtime, rid: str, adapter_id: str | None, text: str, max_tokens: int = 10, mode: str = "auto"):
     request, sink = make_request(rid, _ids(runtime, text), max_tokens=max_tokens, ignore_eos=True)
-    request.adapter_version = None if adapter_id is None else runtime.adapters.retain(adapter_id)
+    request.adapter_version = None if adapter_id is None else runtime.adapters.resolve(adapter_id)
     request.mode = mode
     return request, sink
 
@@ -100,7 +100,7 @@ def test_delete_while_running_finishes_then_404(demo_runtime, adapter_files):
     drive(demo_runtime, {})
     assert sink.token_ids == expected
     with pytest.raises(AdapterNotFound):
-        service.retain("doomed")
+        service.resolve("doomed")
     assert "doomed" not in service.store.scan()
 
 

@@ -125,10 +125,10 @@ def test_abort_frees_the_kv_slot(demo_runtime):
     engine.admit(request)
     for _ in range(3):
         engine.step()
-    assert engine.scheduler.slots.num_used == 1
+    assert engine.scheduler.kv_slots.num_used == 1
     engine.abort("abort-me")
     engine._drain_inbox(block=False)
-    assert engine.scheduler.slots.num_used == 0
+    assert engine.scheduler.kv_slots.num_used == 0
     assert not engine.scheduler.has_work()
     assert sink.finish_reason == "abort"
 
@@ -141,7 +141,7 @@ def test_full_kv_cache_makes_requests_wait_not_fail(demo_runtime):
     for request, _ in requests:
         engine.admit(request)
     engine.step()
-    assert engine.scheduler.slots.num_free == 0
+    assert engine.scheduler.kv_slots.num_free == 0
     assert len(engine.scheduler.waiting) == 3
     drive(demo_runtime, {})
     assert all(sink.finish_reason == "length" and len(sink.token_ids) == 4 for _, sink in requests)

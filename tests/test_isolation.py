@@ -48,7 +48,7 @@ def _ids(runtime, text: str) -> list[int]:
 def _request(runtime, rid: str, text: str, version: str | None = None, max_tokens: int = 12, **params):
     request, sink = make_request(rid, _ids(runtime, text), max_tokens=max_tokens, ignore_eos=True, **params)
     if version is not None:
-        runtime.adapters.cache.retain(version, lambda: pytest.fail("poisoned version evicted"))
+        assert runtime.adapters.cache.hold(version), "the poisoned version must be in memory"
         request.adapter_version = version
     return request, sink
 

@@ -41,7 +41,7 @@ KINDS = ["lora", "rslora", "dora", "adalora", "vera", "randlora"]
 def test_merged_logits_equal_gathered_and_restore_is_exact(demo_runtime, merge_adapters, kind):
     model = pristine(demo_runtime)
     originals = {name: p.detach().clone() for name, p in model.named_parameters()}
-    version = demo_runtime.adapters.retain(merge_adapters[kind].adapter_id)
+    version = demo_runtime.adapters.resolve(merge_adapters[kind].adapter_id)
     try:
         parsed = demo_runtime.adapters.cache.get(version)
         ids = torch.tensor(demo_runtime.tokenizer.encode_chat([{"role": "user", "content": "Name a color."}]))
@@ -70,7 +70,7 @@ def _run(runtime, jobs, mode, schedule_steps=None):
     for i, (adapter_id, text) in enumerate(jobs):
         ids = runtime.tokenizer.encode_chat([{"role": "user", "content": text}])
         request, sink = make_request(f"{mode}{i}", ids, max_tokens=12, ignore_eos=True)
-        request.adapter_version = None if adapter_id is None else runtime.adapters.retain(adapter_id)
+        request.adapter_version = None if adapter_id is None else runtime.adapters.resolve(adapter_id)
         request.mode = mode
         pairs.append((request, sink))
     schedule: dict[int, list] = {}
@@ -84,9 +84,9 @@ def _run(runtime, jobs, mode, schedule_steps=None):
 def test_merged_greedy_tokens_equal_gathered(demo_runtime, merge_adapters, kind):
     jobs = [(merge_adapters[kind].adapter_id, "Write a sentence about autumn.")]
     pristine(demo_runtime)
-    merges = demo_runtime.engine.runner.adapters.merger.state.merges
+    merges = demo_runtime.engine.phases.counts.merges
     merged = _run(demo_runtime, jobs, "merged")
-    assert demo_runtime.engine.runner.adapters.merger.state.merges == merges + 1
+    assert demo_runtime.engine.phases.counts.merges == merges + 1
     assert merged == _run(demo_runtime, jobs, "gathered")
 
 
@@ -97,26 +97,26 @@ def test_switching_phases_mid_stream_gives_all_gathered_tokens(demo_runtime, mer
             (None, "Tell me about fish.")]
     steps = [0, 0, 5, 9]  # two lora requests alone (auto merges), then others arrive mid-stream
     expected = _run(demo_runtime, jobs, "gathered", steps)
-    state = demo_runtime.engine.runner.adapters.merger.state
-    merges = state.merges
-    demo_runtime.engine.policy.min_merge_steps = 4   # these requests are short: merge them anyway
+    counts = demo_runtime.engine.phases.counts
+    merges = counts.merges
+    demo_runtime.engine.phases.policy.min_merge_steps = 4   # these requests are short: merge them anyway
     try:
         assert _run(demo_runtime, jobs, "auto", steps) == expected
     finally:
-        demo_runtime.engine.policy.min_merge_steps = 48
-    assert state.merges > merges, "auto must have merged while one adapter owned the queue"
+        demo_runtime.engine.phases.policy.min_merge_steps = 48
+    assert counts.merges > merges, "auto must have merged while one adapter owned the queue"
 
 
 def test_flooded_adapter_does_not_starve_another(demo_runtime, merge_adapters):
     engine = demo_runtime.engine
-    engine.policy.max_wait_s = 0.05
+    engine.phases.policy.max_wait_s = 0.05
     try:
         flood = [(merge_adapters["lora"].adapter_id, f"Story number {i}, please.") for i in range(6)]
         pairs = []
         for i, (adapter_id, text) in enumerate(flood + [(merge_adapters["vera"].adapter_id, "Hi!")]):
             ids = demo_runtime.tokenizer.encode_chat([{"role": "user", "content": text}])
             request, sink = make_request(f"flood{i}", ids, max_tokens=40 if i < 6 else 4, ignore_eos=True)
-            request.adapter_version = demo_runtime.adapters.retain(adapter_id)
+            request.adapter_version = demo_runtime.adapters.resolve(adapter_id)
             request.mode = "merged"
             pairs.append((request, sink))
         order = []
@@ -126,7 +126,7 @@ def test_flooded_adapter_does_not_starve_another(demo_runtime, merge_adapters):
         drive(demo_runtime, {0: [p[0] for p in pairs[:6]], 2: [pairs[6][0]]})
         assert order.index("flood6") < 6, f"the lone request waited for the whole flood: {order}"
     finally:
-        engine.policy.max_wait_s = 0.5
+        engine.phases.policy.max_wait_s = 0.5
 
 
 class W:
@@ -173,7 +173,7 @@ def test_dora_uploaded_while_another_adapter_is_merged_gives_peft_logits(demo_ru
     from tests.peft_helpers import load_peft
     big = save_peft_adapter(hf_demo_model, LoraConfig(r=16, lora_alpha=32, target_modules=ALL_TARGETS),
                             tmp_path_factory.mktemp("big-delta"), seed=7, scale=0.3)
-    big_version = demo_runtime.adapters.retain(demo_runtime.adapters.upload("merged-big", *big).adapter_id)
+    big_version = demo_runtime.adapters.resolve(demo_runtime.adapters.upload("merged-big", *big).adapter_id)
     dora_dir = tmp_path_factory.mktemp("dora-during-merge")
     dora = save_peft_adapter(hf_demo_model, LoraConfig(r=4, lora_alpha=8, use_dora=True,
                                                        target_modules=["q_proj", "v_proj", "down_proj"]),

@@ -9,7 +9,7 @@ import torch
 
 from server.adapters.slot_table import SlotTable
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.kv_slots import SlotAllocator
+from server.engine.kv_slots import KVSlotAllocator
 from server.engine.request import Request, SamplingParams
 from server.engine.sampler import _filter_top_k_top_p
 from server.engine.scheduler import Scheduler
@@ -30,8 +30,18 @@ def _seq(rid: str, prompt_len: int, max_tokens: int = 4, stop: tuple[str, ...] =
                     eos_token_ids=frozenset({2}), max_len=64)
 
 
+class _AllResident:
+    """A host tier where every adapter is already in memory."""
+
+    def resident(self, version: str) -> bool:
+        return True
+
+    def load_error(self, version: str) -> str | None:
+        return None
+
+
 def test_slot_allocator_hands_out_lowest_free_slot():
-    slots = SlotAllocator(3)
+    slots = KVSlotAllocator(3)
     assert [slots.allocate() for _ in range(3)] == [0, 1, 2]
     assert slots.allocate() is None
     slots.free(1)
@@ -41,7 +51,7 @@ def test_slot_allocator_hands_out_lowest_free_slot():
 
 
 def test_scheduler_admits_under_token_budget_and_chunks_long_prompts():
-    scheduler = Scheduler(SlotAllocator(4), max_batched_tokens=10, adapter_slots=SlotTable(2))
+    scheduler = Scheduler(KVSlotAllocator(4), max_batched_tokens=10, adapter_slots=SlotTable(2), host=_AllResident())
     long, short = _seq("long", 25), _seq("short", 3)
     scheduler.add(long)
     scheduler.add(short)
@@ -61,7 +71,7 @@ def test_scheduler_admits_under_token_budget_and_chunks_long_prompts():
 
 
 def test_scheduler_waits_when_slots_are_full_and_frees_on_finish():
-    scheduler = Scheduler(SlotAllocator(1), max_batched_tokens=100, adapter_slots=SlotTable(2))
+    scheduler = Scheduler(KVSlotAllocator(1), max_batched_tokens=100, adapter_slots=SlotTable(2), host=_AllResident())
     first, second = _seq("a", 2, max_tokens=1), _seq("b", 2)
     scheduler.add(first)
     scheduler.add(second)
@@ -69,18 +79,18 @@ def test_scheduler_waits_when_slots_are_full_and_frees_on_finish():
     assert [s.request_id for s, _ in batch.prefills] == ["a"]
     finished = scheduler.postprocess(batch, [70])
     assert finished == [first] and first.finish_reason == "length"
-    assert scheduler.slots.num_free == 1
+    assert scheduler.kv_slots.num_free == 1
     assert [s.request_id for s, _ in scheduler.schedule().prefills] == ["b"]
 
 
 def test_abort_releases_waiting_and_running():
-    scheduler = Scheduler(SlotAllocator(1), max_batched_tokens=100, adapter_slots=SlotTable(2))
+    scheduler = Scheduler(KVSlotAllocator(1), max_batched_tokens=100, adapter_slots=SlotTable(2), host=_AllResident())
     a, b = _seq("a", 2), _seq("b", 2)
     scheduler.add(a)
     scheduler.add(b)
     scheduler.postprocess(scheduler.schedule(), [70])
     assert scheduler.abort("b") is b and b.finish_reason == "abort"
-    assert scheduler.abort("a") is a and scheduler.slots.num_free == 1
+    assert scheduler.abort("a") is a and scheduler.kv_slots.num_free == 1
     assert scheduler.abort("missing") is None
     assert not scheduler.has_work()
 

@@ -55,14 +55,14 @@ def test_logits_and_greedy_tokens_match_peft(demo_runtime, hf_demo_model, shared
         expected = peft_model.generate(input_ids=torch.tensor([ids]), max_new_tokens=10, do_sample=False,
                                        eos_token_id=2, pad_token_id=2)[0, len(ids):].tolist()
     assert (theirs - plain).abs().max() > 1e-2
-    version = demo_runtime.adapters.retain(info.adapter_id)
+    version = demo_runtime.adapters.resolve(info.adapter_id)
     parsed = demo_runtime.adapters.cache.get(version)
     demo_runtime.adapters.cache.release(version)
     assert (our_logits(pristine(demo_runtime), torch.tensor(ids), parsed) - theirs).abs().max() < 1e-4
     if 2 in expected:
         expected = expected[: expected.index(2) + 1]
     request, sink = make_request("sb-greedy", ids, max_tokens=10)
-    request.adapter_version = demo_runtime.adapters.retain(info.adapter_id)
+    request.adapter_version = demo_runtime.adapters.resolve(info.adapter_id)
     drive(demo_runtime, {0: [request]})
     assert sink.token_ids == expected
 
@@ -87,7 +87,7 @@ def test_tampered_projections_are_served_as_stored(demo_runtime, hf_demo_model, 
     ids = torch.tensor(demo_runtime.tokenizer.encode_chat([{"role": "user", "content": "Name a river."}]))
     with torch.no_grad():
         theirs = load_peft(hf_demo_model, tmp_path)(ids[None]).logits[0]
-    version = demo_runtime.adapters.retain("sb-tampered")
+    version = demo_runtime.adapters.resolve("sb-tampered")
     parsed = demo_runtime.adapters.cache.get(version)
     demo_runtime.adapters.cache.release(version)
     assert (our_logits(pristine(demo_runtime), ids, parsed) - theirs).abs().max() < 1e-4
@@ -106,7 +106,7 @@ def test_everything_in_one_batch_equals_alone(demo_runtime, shared_adapters, hf_
     def req(i, adapter_id):
         ids = demo_runtime.tokenizer.encode_chat([{"role": "user", "content": f"Tell me fact {i}."}])
         request, sink = make_request(f"sb{i}", ids, max_tokens=8, ignore_eos=True)
-        request.adapter_version = None if adapter_id is None else demo_runtime.adapters.retain(adapter_id)
+        request.adapter_version = None if adapter_id is None else demo_runtime.adapters.resolve(adapter_id)
         return request, sink
 
     expected = []
@@ -139,7 +139,7 @@ def test_one_family_adapters_with_different_targets(demo_runtime, hf_demo_model,
         pairs = []
         for k, i in enumerate(adapters):
             request, sink = make_request(f"fam{kind}{k}{len(adapters)}", ids, max_tokens=6, ignore_eos=True)
-            request.adapter_version = demo_runtime.adapters.retain(infos[i].adapter_id)
+            request.adapter_version = demo_runtime.adapters.resolve(infos[i].adapter_id)
             request.mode = "gathered"
             pairs.append((request, sink))
         drive(demo_runtime, {0: [request for request, _ in pairs]})

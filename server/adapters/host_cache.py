@@ -1,12 +1,15 @@
-"""Parsed adapters kept in host memory, shared by the HTTP threads and the engine thread.
+"""The host tier: parsed adapters in memory, and the one reference count of every adapter version.
 
-A request retains its adapter version from the moment it is resolved until it finishes, so the
-weights it started with stay available even if the adapter is re-uploaded or deleted meanwhile.
-Unretained entries are evicted least-recently-used once the cache exceeds its byte budget; they
-are re-read from the store on the next use.
+A request *holds* its adapter version from the moment it is resolved (HTTP side, `hold`) until it
+finishes (engine side, `release`): that count, kept here and nowhere else, is what keeps a version's
+weights in memory however the id is re-uploaded or deleted meanwhile. A held version that is not in
+memory yet is brought in by the loader thread (`fill`); the scheduler admits its requests once it is
+`resident`, or fails them if the load failed (`load_error`). Unheld entries are evicted
+least-recently-used once the cache exceeds its byte budget and are re-read from the store on the
+next use.
 
 A version that stops being published (its id deleted, or re-uploaded with other content) is
-`discard`ed: dropped at once when no request retains it, else at its last `release`. Dropped
+`discard`ed: dropped at once when no request holds it, else at its last `release`. Dropped
 adapters are many small tensors that glibc keeps in its heap after `free`, so once enough bytes
 have been dropped the cache asks glibc to give the free pages back to the OS (`malloc_trim`).
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from typing import Callable
 
 from adapters_store import ParsedAdapter
@@ -47,11 +51,23 @@ def release_free_memory() -> bool:
     return True
 
 
+@dataclass(slots=True)
+class TierCounts:
+    """Monotonic counters of one memory tier, read by /metrics at scrape time."""
+
+    hits: int = 0        # a version was wanted and already there
+    loads: int = 0       # a version was brought in from the tier below
+    evictions: int = 0   # a version was pushed out to make room (not deletions)
+
+
 class HostCache:
     def __init__(self, max_bytes: int, trim_after_bytes: int = TRIM_AFTER_BYTES) -> None:
         self.max_bytes = max_bytes
         self.trim_after_bytes = trim_after_bytes
+        self.counts = TierCounts()
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)   # notified when a held version arrives or fails
+        self._errors: dict[str, str] = {}   # held versions whose load failed, with why
         self._entries: OrderedDict[str, ParsedAdapter] = OrderedDict()
         self._sizes: dict[str, int] = {}
         self._refs: Counter[str] = Counter()
@@ -78,28 +94,53 @@ class HostCache:
         with self._lock:
             self._insert(version, parsed)
             self._discarded.discard(version)
+            self._errors.pop(version, None)
             self._evict()
+            self._settled.notify_all()
         self._maybe_trim()
 
-    def retain(self, version: str, load: Callable[[], ParsedAdapter]) -> ParsedAdapter:
-        """Pin `version` in memory (loading it with `load` on a miss) until `release`."""
+    def hold(self, version: str) -> bool:
+        """Count one more request on `version` until its `release`; True when it is in memory now
+        (False: the caller asks the loader for it)."""
         with self._lock:
-            parsed = self._entries.get(version)
-            if parsed is not None:
-                self._refs[version] += 1
-                self._entries.move_to_end(version)
-                return parsed
-        parsed = load()  # outside the lock: disk read + parse
-        with self._lock:
-            if version in self._entries:   # loaded meanwhile by another thread
-                parsed = self._entries[version]
-                self._entries.move_to_end(version)
-            else:
-                self._insert(version, parsed)
             self._refs[version] += 1
-            self._evict()
+            resident = version in self._entries
+            if resident:
+                self._entries.move_to_end(version)
+                self.counts.hits += 1
+            return resident
+
+    def fill(self, version: str, parsed: ParsedAdapter) -> None:
+        """The loader brought `version` in from disk; kept only while someone still holds it."""
+        with self._lock:
+            if self._refs[version] > 0 and version not in self._entries:
+                self._insert(version, parsed)
+                self.counts.loads += 1
+                self._evict()
+            self._settled.notify_all()
         self._maybe_trim()
-        return parsed
+
+    def fail(self, version: str, message: str) -> None:
+        """The loader could not bring `version` in: its waiting requests fail with `message`."""
+        with self._lock:
+            if self._refs[version] > 0:
+                self._errors[version] = message
+            self._settled.notify_all()
+
+    def resident(self, version: str) -> bool:
+        with self._lock:
+            return version in self._entries
+
+    def load_error(self, version: str) -> str | None:
+        with self._lock:
+            return self._errors.get(version)
+
+    def wait_settled(self, version: str, timeout: float = 30.0) -> None:
+        """Block until no request holds `version` waiting for a load (it arrived, failed or was
+        released). Called before a version's files are removed, off the event loop."""
+        with self._lock:
+            self._settled.wait_for(lambda: self._refs[version] == 0 or version in self._entries
+                                   or version in self._errors, timeout)
 
     def get(self, version: str) -> ParsedAdapter:
         with self._lock:
@@ -110,24 +151,26 @@ class HostCache:
             refs = self._refs.pop(version, 0) - 1
             if refs > 0:
                 self._refs[version] = refs
-            elif version in self._discarded:
-                self._discarded.remove(version)
-                self._drop(version)
+            else:
+                self._errors.pop(version, None)
+                self._settled.notify_all()
+                if version in self._discarded:
+                    self._discarded.remove(version)
+                    if version in self._entries:
+                        self._drop(version)
             self._evict()
         self._maybe_trim()
 
     def discard(self, version: str) -> None:
-        """`version` is no longer published: drop it now if unretained, else at its last release.
+        """`version` is no longer published: drop it now if unheld, else at its last release.
 
-        The caller orders this after every `retain` that could resolve to `version` (the adapter
+        The caller orders this after every `hold` that could resolve to `version` (the adapter
         service holds its lock around both); a later `put` of the same version cancels it.
         """
         with self._lock:
-            if version not in self._entries:
-                return
             if self._refs[version] > 0:
                 self._discarded.add(version)
-            else:
+            elif version in self._entries:
                 self._drop(version)
         self._maybe_trim()
 
@@ -164,6 +207,7 @@ class HostCache:
                 over -= self._sizes[version]
         for version in victims:
             self._drop(version)
+            self.counts.evictions += 1
 
     def _maybe_trim(self) -> None:
         """After enough dropped bytes, hand free heap pages back to the OS (outside the lock)."""

@@ -27,10 +27,6 @@ class CannotMerge(Exception):
 class MergeState:
     version: str | None = None          # the merged adapter, None = pristine base
     merged: list[AdaptedLinear] = field(default_factory=list)   # layers whose weights are rebound
-    merges: int = 0
-    restores: int = 0
-    merge_seconds: float = 0.0
-    restore_seconds: float = 0.0
 
 
 class WeightMerger:
@@ -55,10 +51,7 @@ class WeightMerger:
             self._rebind_originals()
             raise
         self.state.version = version
-        elapsed = time.perf_counter() - started
-        self.state.merges += 1
-        self.state.merge_seconds += elapsed
-        return elapsed
+        return time.perf_counter() - started
 
     def _merge_linear(self, linear: AdaptedLinear, targeted: list, parsed: ParsedAdapter) -> None:
         base_bias = self.base.bias(linear)
@@ -85,10 +78,7 @@ class WeightMerger:
         started = time.perf_counter()
         self._rebind_originals()
         self.state.version = None
-        elapsed = time.perf_counter() - started
-        self.state.restores += 1
-        self.state.restore_seconds += elapsed
-        return elapsed
+        return time.perf_counter() - started
 
     def _rebind_originals(self) -> None:
         for linear in self.state.merged:

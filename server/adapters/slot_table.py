@@ -1,52 +1,51 @@
-"""Which adapter version sits in which slot (pure Python, no tensors).
+"""The device tier: which adapter version sits in which slot (pure Python, no tensors).
 
-A version is pinned while any running sequence uses it; unpinned resident versions stay in their
-slot (so the next request for them needs no load) and are evicted least-recently-used first when a
-new version needs a slot. When every slot is pinned, `acquire` says no and the request waits.
+A version stays in its slot after its requests finish (so the next request for it needs no load)
+and is evicted least-recently-used when a new version needs a slot. Which versions are in use is not
+counted here: the scheduler passes the versions of its running sequences to `acquire`, so there is
+one reference count per version in the whole server (the host cache's holds). When every slot is
+used by running sequences, `acquire` says no and the request waits.
 """
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import OrderedDict
+from collections.abc import Collection
+
+from server.adapters.host_cache import TierCounts
 
 
 class SlotTable:
     def __init__(self, num_slots: int) -> None:
         self.num_slots = num_slots
+        self.counts = TierCounts()
         self._free = list(range(num_slots - 1, -1, -1))
-        self._slot_of: dict[str, int] = {}
-        self._pins: Counter[str] = Counter()
-        self._evictable: OrderedDict[str, None] = OrderedDict()   # unpinned residents, oldest first
+        self._lru: OrderedDict[str, int] = OrderedDict()   # resident version -> slot, least recent first
         self._to_load: list[tuple[str, int]] = []
 
     def slot_of(self, version: str) -> int | None:
-        return self._slot_of.get(version)
+        return self._lru.get(version)
 
-    def can_acquire(self, version: str) -> bool:
-        return version in self._slot_of or bool(self._free) or bool(self._evictable)
-
-    def acquire(self, version: str) -> int | None:
-        """Pin `version` into a slot; None when all slots are pinned by other versions."""
-        slot = self._slot_of.get(version)
-        if slot is None:
+    def acquire(self, version: str, in_use: Collection[str] = ()) -> int | None:
+        """A slot holding `version`, loading it into a free slot or the least recently used one that
+        no version in `in_use` occupies; None when every slot is in use."""
+        slot = self._lru.get(version)
+        if slot is not None:
+            self.counts.hits += 1
+        else:
             if self._free:
                 slot = self._free.pop()
-            elif self._evictable:
-                victim, _ = self._evictable.popitem(last=False)
-                slot = self._slot_of.pop(victim)
             else:
-                return None
-            self._slot_of[version] = slot
+                victim = next((v for v in self._lru if v not in in_use), None)
+                if victim is None:
+                    return None
+                slot = self._lru.pop(victim)
+                self.counts.evictions += 1
             self._to_load.append((version, slot))
-        self._evictable.pop(version, None)
-        self._pins[version] += 1
+            self.counts.loads += 1
+        self._lru[version] = slot
+        self._lru.move_to_end(version)
         return slot
-
-    def release(self, version: str) -> None:
-        self._pins[version] -= 1
-        if self._pins[version] <= 0:
-            del self._pins[version]
-            self._evictable[version] = None
 
     def take_loads(self) -> list[tuple[str, int]]:
         """Slots assigned since the last call, whose weights must be copied in before the forward."""
@@ -54,9 +53,5 @@ class SlotTable:
         return loads
 
     @property
-    def num_pinned(self) -> int:
-        return len(self._pins)
-
-    @property
     def resident(self) -> dict[str, int]:
-        return dict(self._slot_of)
+        return dict(self._lru)

@@ -73,8 +73,9 @@ async def generate(body: GenerateRequest, http_request: Request):
     _check_text_fits(body, runtime)
     prompt_ids = await run_in_threadpool(_prompt_ids, body, runtime)
     params = _sampling_params(body, len(prompt_ids), runtime.max_model_len)
-    # From here the request holds its adapter version's weights until the engine finishes it.
-    adapter_version = None if body.adapter_id is None else runtime.adapters.retain(body.adapter_id)
+    # In memory only (no disk, no lock held across I/O): from here the request holds its adapter
+    # version until the engine finishes it; a cold version is brought in by the loader meanwhile.
+    adapter_version = None if body.adapter_id is None else runtime.adapters.resolve(body.adapter_id)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[TokenEvent] = asyncio.Queue()
     request_id = f"gen-{uuid.uuid4().hex[:16]}"

@@ -15,21 +15,21 @@ router = APIRouter()
 @router.get("/health", responses=error_responses(503))
 async def health(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
-    engine = runtime.engine
-    scheduler = engine.scheduler
+    status = runtime.engine.status()
     body = {
-        "status": "ok" if engine.alive else "engine_down",
+        "status": "ok" if status.alive else "engine_down",
         "model": runtime.model_name,   # the name only: the path is the operator's business
         "device": str(runtime.device),
         "dtype": str(runtime.dtype).removeprefix("torch."),
         "max_model_len": runtime.max_model_len,
-        "kv_slots": runtime.num_kv_slots,
-        "kv_slots_used": scheduler.slots.num_used,
-        "running": len(scheduler.running),
-        "waiting": len(scheduler.waiting),
-        "kernel_backend": engine.runner.adapters.backend,
+        "kv_slots": status.kv_slots,
+        "kv_slots_used": status.kv_slots_used,
+        "running": status.running,
+        "waiting": status.waiting,
+        "phase": status.phase,
+        "kernel_backend": status.kernel_backend,
     }
-    return JSONResponse(body, status_code=200 if engine.alive else 503)
+    return JSONResponse(body, status_code=200 if status.alive else 503)
 
 
 @router.get("/metrics")

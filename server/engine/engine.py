@@ -1,7 +1,14 @@
-"""The engine thread: the only owner of scheduler, KV cache and sampler state.
+"""The engine thread: the only owner of scheduler, KV cache, sampler and phase state.
 
 HTTP handlers talk to it through `submit` / `abort` (a thread-safe inbox); it answers through each
-request's `emit` callback. One loop: drain the inbox, schedule, run, sample, publish.
+request's `emit` callback. One loop: drain the inbox, then `step`:
+
+    phase   = phases.advance(...)            # merge / restore between steps when the policy says so
+    batch   = scheduler.schedule(phase)      # who runs this step
+    logits  = runner.run(batch)              # one forward pass for everyone
+    tokens  = sampler.sample(logits, ...)    # per-request, seeded; None for a row that broke
+    done    = scheduler.postprocess(...)     # advance, append, release
+    publish / finish, then observe (metrics)
 """
 
 from __future__ import annotations
@@ -10,21 +17,19 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from server.adapters.merge import CannotMerge
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.phases import GATHERED, Phase, PhasePolicy
+from server.engine.phases import GATHERED, PhaseController
 from server.engine.request import GenerationError, Request, TokenEvent
 from server.engine.runner import ModelRunner
 from server.engine.sampler import Sampler
 from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.engine.sequence import Sequence
-from server.metrics import Metrics
+from server.metrics import Metrics, StepReport
 from server.model.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
-
 
 NON_FINITE_OUTPUT = GenerationError(
     "non_finite_output", "the model's output for this request became non-finite (NaN or Inf), or overflowed at its "
@@ -36,10 +41,30 @@ class _Abort:
     request_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class EngineStatus:
+    """What /health reports, asked of the engine instead of reached for through its parts."""
+
+    alive: bool
+    phase: str
+    running: int
+    waiting: int
+    kv_slots: int
+    kv_slots_used: int
+    kernel_backend: str
+
+
+@dataclass(slots=True)
+class _Pending:
+    """What happened since the last `observe`: finished requests and their latencies."""
+
+    finished: list[tuple[str, float | None]] = field(default_factory=list)   # (outcome, mean TPOT)
+
+
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: TextTokenizer,
                  metrics: Metrics, max_model_len: int, eos_token_ids: frozenset[int],
-                 policy: PhasePolicy | None = None) -> None:
+                 phases: PhaseController) -> None:
         self.runner = runner
         self.scheduler = scheduler
         self.tokenizer = tokenizer
@@ -47,8 +72,8 @@ class Engine:
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
-        self.policy = policy or PhasePolicy(max_wait_s=0.5)
-        self.phase = GATHERED
+        self.phases = phases
+        self._pending = _Pending()
         self._inbox: queue.Queue[Request | _Abort | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -75,12 +100,20 @@ class Engine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
 
+    def status(self) -> EngineStatus:
+        """A snapshot for /health (plain reads of engine-thread state; good enough for a report)."""
+        kv = self.scheduler.kv_slots
+        return EngineStatus(alive=self.alive, phase=self.phases.current.name, running=len(self.scheduler.running),
+                            waiting=len(self.scheduler.waiting), kv_slots=kv.num_slots, kv_slots_used=kv.num_used,
+                            kernel_backend=self.runner.adapters.backend)
+
     # ---- engine thread -------------------------------------------------------------------------
     def _loop(self) -> None:
         idle = False
         while not self._stopping:
             has_work = self.scheduler.has_work()
-            # Held-back work (a merged phase of another adapter) re-checks the policy every 2 ms.
+            # Work that cannot run yet (held by a merged phase, or waiting for the adapter loader)
+            # re-checks every 2 ms.
             self._drain_inbox(block=not has_work, timeout=0.002 if idle and has_work else None)
             if self.scheduler.has_work() and not self._stopping:
                 idle = not self.step()
@@ -93,17 +126,15 @@ class Engine:
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
-        self._update_gauges()
+        self.observe()
 
     def _handle(self, item: Request | _Abort | None) -> None:
-        if item is None:
-            return
         if isinstance(item, _Abort):
             seq = self.scheduler.abort(item.request_id)
             if seq is not None:
                 self._finish(seq, time.perf_counter())
-            return
-        self.admit(item)
+        elif item is not None:
+            self.admit(item)
 
     def admit(self, request: Request) -> None:
         """Queue a request for scheduling. Engine thread only (or tests driving `step` by hand)."""
@@ -112,12 +143,14 @@ class Engine:
                                     self.max_model_len))
 
     def step(self) -> bool:
-        """One engine step; False when nothing could run (e.g. all work is held by a merged phase)."""
+        """One engine step; False when nothing could run (all work held back or still loading)."""
         started = time.perf_counter()
-        self._enter(self.policy.next_phase(self.phase, self.scheduler.unfinished(), started))
-        batch = self.scheduler.schedule(self.phase.admits)
+        phase = self.phases.advance(self.scheduler.unfinished(), started)
+        batch = self.scheduler.schedule(phase.admits)
+        for seq in batch.failed:
+            self._finish(seq, started)
         if batch.empty:
-            return False
+            return bool(batch.failed)
         sampled = batch.sampled()
         try:
             self.runner.wipe_kv(self.scheduler.take_released_kv())
@@ -133,45 +166,24 @@ class Engine:
                 log.warning("request %s (adapter version %s) ended: non-finite logits", seq.request_id, seq.version)
         finished = self.scheduler.postprocess(batch, tokens)
         now = time.perf_counter()
-        self.metrics.prompt_tokens.inc(sum(n for _, n in batch.prefills))
-        self.metrics.generation_tokens.inc(len(sampled))
+        first_tokens = []
         for seq in sampled:
             if seq.first_token_time is None:
                 seq.first_token_time = now
-                self.metrics.time_to_first_token.observe(now - seq.request.arrival_time)
+                first_tokens.append(now - seq.request.arrival_time)
             if seq.finish_reason is None:
                 self._publish(seq)
         for seq in finished:
             self._finish(seq, now)
-        self._update_gauges()
-        elapsed = time.perf_counter() - started
-        self.metrics.step_seconds.observe(elapsed)
-        self.metrics.mode_seconds.labels("gathered" if self.phase.merged is None else "merged").inc(elapsed)
+        self.observe(StepReport(seconds=time.perf_counter() - started, phase=phase.name,
+                                prompt_tokens=sum(n for _, n in batch.prefills),
+                                generated_tokens=sum(t is not None for t in tokens),
+                                first_token_seconds=first_tokens))
         return True
 
     def restore_base(self) -> None:
         """Leave any merged phase now (engine thread, or tests using the model directly)."""
-        self._enter(GATHERED)
-
-    def _enter(self, phase: Phase) -> None:
-        """Switch phases between steps: only weights change, so every sequence's KV stays valid."""
-        if phase == self.phase:
-            return
-        adapters = self.runner.adapters
-        if adapters.merged_version is not None:
-            self.metrics.restore_seconds.inc(adapters.restore())
-            self.metrics.restores.inc()
-        if phase.merged is not None:
-            try:
-                self.metrics.merge_seconds.inc(adapters.merge(phase.merged))
-                self.metrics.merges.inc()
-            except CannotMerge as exc:
-                log.warning("serving %s gathered: %s", phase.merged, exc)
-                self.policy.unmergeable.add(phase.merged)
-                phase = GATHERED
-        self.phase = phase
-        self.metrics.adapter_mode.set(0 if phase.merged is None else 1)
-        log.debug("phase: %s", "gathered" if phase.merged is None else f"merged {phase.merged}")
+        self.phases.enter(GATHERED)
 
     def _publish(self, seq: Sequence) -> None:
         new_ids = seq.token_ids[seq.num_prompt + seq.emitted_tokens:]
@@ -179,32 +191,31 @@ class Engine:
         seq.request.emit(TokenEvent(seq.request_id, new_ids, seq.detokenizer.take_delta(final=False)))
 
     def _finish(self, seq: Sequence, now: float) -> None:
+        """Every request ends here exactly once: drop its sampler state and its adapter hold, emit
+        the final event."""
         new_ids = seq.token_ids[seq.num_prompt + seq.emitted_tokens:]
         seq.emitted_tokens += len(new_ids)
         self.sampler.forget(seq.request_id)
-        self.runner.adapters.finished(seq.request.adapter_version)
-        self.metrics.requests.labels(seq.finish_reason).inc()
+        self.runner.adapters.finished(seq.version)
+        tpot = None
         if seq.first_token_time is not None and seq.num_generated > 1:
-            self.metrics.time_per_output_token.observe((now - seq.first_token_time) / (seq.num_generated - 1))
+            tpot = (now - seq.first_token_time) / (seq.num_generated - 1)
+        self._pending.finished.append((seq.finish_reason, tpot))
         seq.request.emit(TokenEvent(seq.request_id, new_ids, seq.detokenizer.take_delta(final=True),
                                     finish_reason=seq.finish_reason, prompt_tokens=seq.num_prompt,
                                     completion_tokens=seq.num_generated, error=seq.error))
-        self._update_gauges()
 
     def _fail(self, batch: ScheduledBatch, message: str) -> None:
         for seq in batch.decodes + [s for s, _ in batch.prefills]:
             self.scheduler.abort(seq.request_id)
             seq.finish_reason = "error"
-            self.sampler.forget(seq.request_id)
-            self.runner.adapters.finished(seq.request.adapter_version)
-            self.metrics.requests.labels("error").inc()
-            seq.request.emit(TokenEvent(seq.request_id, [], "", finish_reason="error",
-                                        error=GenerationError("internal_error", message),
-                                        prompt_tokens=seq.num_prompt, completion_tokens=seq.num_generated))
-        self._update_gauges()
+            seq.error = GenerationError("internal_error", message)
+            self._finish(seq, time.perf_counter())
 
-    def _update_gauges(self) -> None:
-        slots = self.scheduler.slots
-        self.metrics.queue_depth.set(len(self.scheduler.waiting))
-        self.metrics.running_sequences.set(len(self.scheduler.running))
-        self.metrics.kv_cache_usage.set(slots.num_used / slots.num_slots)
+    def observe(self, step: StepReport | None = None) -> None:
+        """Everything /metrics learns from the engine, in one call per step (and after the inbox)."""
+        pending, self._pending = self._pending, _Pending()
+        kv = self.scheduler.kv_slots
+        self.metrics.observe(step=step, finished=pending.finished, waiting=len(self.scheduler.waiting),
+                             running=len(self.scheduler.running), kv_used_ratio=kv.num_used / kv.num_slots,
+                             phase=self.phases.current.name, phase_counts=self.phases.counts)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 
 
-class SlotAllocator:
+class KVSlotAllocator:
     """Hands out the lowest free slot, so running sequences tend to occupy a contiguous prefix of the
     cache and decode attention can read it as a view instead of gathering."""
 

@@ -17,8 +17,13 @@ others stay queued or paused with their KV intact). Policy, per step:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Protocol
+
+from server.adapters.merge import CannotMerge
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +32,10 @@ class Phase:
 
     def admits(self, version: str | None) -> bool:
         return self.merged is None or version == self.merged
+
+    @property
+    def name(self) -> str:
+        return "gathered" if self.merged is None else "merged"
 
 
 GATHERED = Phase()
@@ -95,5 +104,52 @@ class PhasePolicy:
                   and w.version not in self.unmergeable]
         return Phase(wanted[0]) if wanted else GATHERED
 
-    def held_since(self, request_id: str) -> float | None:
-        return self._held_since.get(request_id)
+
+
+class WeightsSwitch(Protocol):
+    """What the controller drives: the adapter manager's merge / restore."""
+
+    @property
+    def merged_version(self) -> str | None: ...
+    def merge(self, version: str) -> float: ...
+    def restore(self) -> float: ...
+
+
+@dataclass(slots=True)
+class PhaseCounts:
+    merges: int = 0
+    restores: int = 0
+    merge_seconds: float = 0.0
+    restore_seconds: float = 0.0
+
+
+class PhaseController:
+    """Owns the engine's phase: asks the policy for the next one and switches the weights between
+    steps (only weights change, so every sequence's KV stays valid)."""
+
+    def __init__(self, policy: PhasePolicy, weights: WeightsSwitch) -> None:
+        self.policy = policy
+        self.weights = weights
+        self.current = GATHERED
+        self.counts = PhaseCounts()
+
+    def advance(self, work: list[Work], now: float) -> Phase:
+        self.enter(self.policy.next_phase(self.current, work, now))
+        return self.current
+
+    def enter(self, phase: Phase) -> None:
+        if phase == self.current:
+            return
+        if self.weights.merged_version is not None:
+            self.counts.restore_seconds += self.weights.restore()
+            self.counts.restores += 1
+        if phase.merged is not None:
+            try:
+                self.counts.merge_seconds += self.weights.merge(phase.merged)
+                self.counts.merges += 1
+            except CannotMerge as exc:
+                log.warning("serving %s gathered: %s", phase.merged, exc)
+                self.policy.unmergeable.add(phase.merged)
+                phase = GATHERED
+        self.current = phase
+        log.debug("phase: %s", phase.name)

@@ -7,6 +7,9 @@ attention wants rows in KV-slot order instead; the context carries that permutat
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
 
 from kernels.batch import TokenGroup
@@ -28,10 +31,12 @@ def _add_group(groups: list[TokenGroup], slot: int, start: int, end: int) -> Non
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, adapters: AdapterManager) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, adapters: AdapterManager,
+                 observe_slot_load: Callable[[float], None] = lambda seconds: None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.adapters = adapters
+        self.observe_slot_load = observe_slot_load
         self.device = model.embed_tokens.weight.device
 
     def prepare(self, batch: ScheduledBatch) -> ForwardContext:
@@ -99,6 +104,9 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [len(batch.sampled()), vocab] float32, on the CPU: sampling uses per-request CPU
         generators, so a seed gives the same tokens whatever device the model runs on."""
+        loads_before, started = self.adapters.loads, time.perf_counter()
         self.adapters.load_pending()
+        if self.adapters.loads > loads_before:
+            self.observe_slot_load((time.perf_counter() - started) / (self.adapters.loads - loads_before))
         ctx = self.prepare(batch)
         return self.model(ctx, self.kv_cache.keys, self.kv_cache.values).cpu()

@@ -2,9 +2,10 @@
 
 Each step: every running sequence that is decoding contributes one token; sequences still in their
 prompt continue with a chunk; then waiting requests are admitted in arrival order while a KV slot is
-free, the step's token budget lasts and the request's adapter can be pinned into an adapter slot
-(a request whose adapter cannot get a slot waits; others behind it may go first). Long prompts are
-split into chunks so decodes never stall behind them.
+free and the step's token budget lasts — each once its adapter version is in host memory (the loader
+brings cold ones in meanwhile) and has a device slot (when every slot is used by running sequences,
+it waits; others behind it may go first). A waiting request whose adapter could not be loaded ends
+with an error. Long prompts are split into chunks so decodes never stall behind them.
 """
 
 from __future__ import annotations
@@ -12,16 +13,26 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from server.adapters.slot_table import SlotTable
-from server.engine.kv_slots import SlotAllocator
+from server.engine.kv_slots import KVSlotAllocator
+from server.engine.request import GenerationError
 from server.engine.sequence import Sequence, SeqStatus
+
+
+class HostTier(Protocol):
+    """What admission needs to know of the host cache."""
+
+    def resident(self, version: str) -> bool: ...
+    def load_error(self, version: str) -> str | None: ...
 
 
 @dataclass(slots=True)
 class ScheduledBatch:
-    decodes: list[Sequence] = field(default_factory=list)              # one token each, sorted by slot
+    decodes: list[Sequence] = field(default_factory=list)              # one token each, sorted by KV slot
     prefills: list[tuple[Sequence, int]] = field(default_factory=list) # (sequence, tokens this step)
+    failed: list[Sequence] = field(default_factory=list)               # ended before running (load failed)
 
     @property
     def empty(self) -> bool:
@@ -34,9 +45,11 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, slots: SlotAllocator, max_batched_tokens: int, adapter_slots: SlotTable) -> None:
-        self.slots = slots
+    def __init__(self, kv_slots: KVSlotAllocator, max_batched_tokens: int, adapter_slots: SlotTable,
+                 host: HostTier) -> None:
+        self.kv_slots = kv_slots
         self.adapter_slots = adapter_slots
+        self.host = host
         self.max_batched_tokens = max_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -68,15 +81,22 @@ class Scheduler:
                 batch.decodes.append(seq)
             budget -= n
         for seq in list(self.waiting):
-            if budget == 0 or self.slots.num_free == 0:
+            if budget == 0 or self.kv_slots.num_free == 0:
                 break
-            version = seq.request.adapter_version
-            if not admits(version):
+            version = seq.version
+            if version is not None:
+                error = self.host.load_error(version)
+                if error is not None:
+                    self._fail_waiting(seq, error, batch)
+                    continue
+                if not admits(version) or not self.host.resident(version):
+                    continue  # held back by a merged phase, or the loader is still bringing it in
+                if self.adapter_slots.acquire(version, {s.version for s in self.running}) is None:
+                    continue  # every adapter slot is used by running sequences: wait
+            elif not admits(version):
                 continue
-            if version is not None and self.adapter_slots.acquire(version) is None:
-                continue  # every adapter slot is pinned by running requests: wait
             self.waiting.remove(seq)
-            seq.kv_slot = self.slots.allocate()
+            seq.kv_slot = self.kv_slots.allocate()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             n = min(seq.num_prompt, budget)
@@ -121,11 +141,16 @@ class Scheduler:
         released, self._released_kv = self._released_kv, []
         return released
 
+    def _fail_waiting(self, seq: Sequence, message: str, batch: ScheduledBatch) -> None:
+        self.waiting.remove(seq)
+        seq.finish_reason = "error"
+        seq.error = GenerationError("adapter_load_failed", message)
+        seq.status = SeqStatus.FINISHED
+        batch.failed.append(seq)
+
     def _release(self, seq: Sequence) -> None:
         seq.status = SeqStatus.FINISHED
         self.running.remove(seq)
-        self.slots.free(seq.kv_slot)
+        self.kv_slots.free(seq.kv_slot)
         self._released_kv.append(seq.kv_slot)
         seq.kv_slot = None
-        if seq.request.adapter_version is not None:
-            self.adapter_slots.release(seq.request.adapter_version)
