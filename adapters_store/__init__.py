@@ -12,7 +12,7 @@ from .errors import (
     UnsupportedAdapter,
 )
 from .canonical import canonical_files
-from .kinds import KIND_PARSERS, RESERVED_KINDS
+from .kinds import KIND_PARSERS
 from .peft_config import parse_adapter
 from .projections import (
     ProjectionFamily,
@@ -40,7 +40,6 @@ __all__ = [
     "MalformedUpload",
     "ParsedAdapter",
     "ProjectionFamily",
-    "RESERVED_KINDS",
     "RandLoraFactors",
     "StoreConflict",
     "StoreCorrupted",

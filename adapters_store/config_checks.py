@@ -11,7 +11,7 @@ from .errors import AdapterTooLarge, InvalidAdapter, MalformedUpload, Unsupporte
 
 MAX_CONFIG_BYTES = 1 << 20  # real configs are ~2 KB; the cap keeps json.loads cheap
 
-# LoRA variants whose forward differs from plain LoRA (ADAPTERS.md §2.1). Any non-null / true
+# LoRA variants whose forward differs from plain LoRA (docs/adapters.md §2.1). Any non-null / true
 # value selects a different LoraVariant in PEFT, so serving it as plain LoRA would be wrong.
 VARIANT_FIELDS = (
     "arrow_config",

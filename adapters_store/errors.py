@@ -17,9 +17,6 @@ class AdapterError(Exception):
         super().__init__(message)
         self.message = message
 
-    def to_dict(self) -> dict[str, object]:
-        return {"error": self.code, "status": self.status, "message": self.message}
-
 
 class MalformedUpload(AdapterError):
     """The bytes cannot be decoded at all (bad JSON, not safetensors)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .config_checks import load_config
 from .errors import InvalidAdapter, UnsupportedAdapter
-from .kinds import KIND_PARSERS, RESERVED_KINDS
+from .kinds import KIND_PARSERS
 from .tensors import load_tensors, read_metadata
 from .types import BaseModelSpec, ParsedAdapter
 
@@ -24,8 +24,7 @@ def parse_adapter(config_bytes: bytes, weights_bytes: bytes, base: BaseModelSpec
     key = peft_type.upper()
     parser = KIND_PARSERS.get(key)
     if parser is None:
-        reason = RESERVED_KINDS.get(key, "unsupported peft_type")
         supported = ", ".join(sorted(KIND_PARSERS))
-        raise UnsupportedAdapter(f"peft_type {peft_type!r}: {reason} (supported: {supported})")
+        raise UnsupportedAdapter(f"peft_type {peft_type!r} is not supported (supported: {supported})")
     tensors = load_tensors(weights_bytes, base.max_bytes)
     return parser(cfg, tensors, base, read_metadata(weights_bytes))

@@ -1,6 +1,6 @@
 """Shared random projections of VeRA and RandLoRA, regenerated bit-exactly as PEFT 0.21.2 does.
 
-ADAPTERS.md §6: one CPU ``torch.Generator`` seeded with ``projection_prng_key``; the shapes come
+docs/adapters.md §6: one CPU ``torch.Generator`` seeded with ``projection_prng_key``; the shapes come
 from the element-wise max (out, in) over the adapter's own adapted layers. VeRA draws fp32
 kaiming-uniform ``vera_A (r, I)`` then ``vera_B (O, r)``. Dense RandLoRA draws bf16 kaiming pieces
 (A, then ``nb`` B pieces concatenated) and divides by ``std()`` in bf16; sparse / very_sparse draw
@@ -27,7 +27,7 @@ BASIS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 @dataclass(frozen=True, slots=True)
 class ProjectionFamily:
-    """Everything the shared projections depend on (ADAPTERS.md §10).
+    """Everything the shared projections depend on (docs/adapters.md §10).
 
     Adapters with equal families (and ``stored_digest is None``) use bit-identical projections,
     so a server can keep one resident copy per family.
@@ -162,7 +162,7 @@ def randlora_layer_bases(
 def randlora_scaled_bases(
     lam: torch.Tensor, gamma: torch.Tensor, A_l: torch.Tensor, B_l: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(U, V)`` of ADAPTERS.md §4.3: U (r*nb_l, min_l), V (max_l, nb_l*r), in PEFT's flatten orders.
+    """``(U, V)`` of docs/adapters.md §4.3: U (r*nb_l, min_l), V (max_l, nb_l*r), in PEFT's flatten orders.
 
     Row ``i*nb + b`` of U pairs with column ``b*r + i`` of V; that is PEFT's (odd) pairing and must
     not be "fixed". Layer output: in <= out: ``((x U^T) V^T) * s``; in > out: ``((x V) U) * s``.

@@ -4,7 +4,7 @@ The canonical form of the LoRA family (LoRA, rsLoRA, AdaLoRA, DoRA) is a per-lay
 (A, B) and a scale, so the serving kernels see ``y += scale * (x A^T) B^T``; DoRA additionally
 carries a per-output-row multiplier ``output_scale`` (see ``LayerFactors``).
 VeRA and RandLoRA keep only their trained vectors per layer (``VeraFactors`` / ``RandLoraFactors``)
-plus a ``ProjectionFamily`` naming the shared random projections (ADAPTERS.md §3, §4, §6).
+plus a ``ProjectionFamily`` naming the shared random projections (docs/adapters.md §3, §4, §6).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
 
 @dataclass(slots=True)
 class VeraFactors:
-    """VeRA layer (ADAPTERS.md §3.3): y = y0 + λ_b ⊙ ((λ_d ⊙ (x A_lᵀ)) B_lᵀ).
+    """VeRA layer (docs/adapters.md §3.3): y = y0 + λ_b ⊙ ((λ_d ⊙ (x A_lᵀ)) B_lᵀ).
 
     A_l = vera_A[:, :in], B_l = vera_B[:out, :] (see ``projections.vera_layer_bases``). No scale.
     """
@@ -112,7 +112,7 @@ class VeraFactors:
 
 @dataclass(slots=True)
 class RandLoraFactors:
-    """RandLoRA layer (ADAPTERS.md §4.3), scale = randlora_alpha / r.
+    """RandLoRA layer (docs/adapters.md §4.3), scale = randlora_alpha / r.
 
     U = (λ[:, :, None] * A_l * Γ[None]).flatten(0, 1), V = B_l.flatten(1) (``projections.randlora_scaled_bases``);
     in <= out: y = y0 + ((x Uᵀ) Vᵀ) * scale;  in > out: y = y0 + ((x V) U) * scale.
@@ -168,7 +168,7 @@ class ParsedAdapter:
         return shared_projections(self.family)
 
     def delta_weight(self, path: str, projections: Projections | None = None) -> torch.Tensor:
-        """Dense ΔW [out, in] float32 (scale included), ADAPTERS.md §7.
+        """Dense ΔW [out, in] float32 (scale included), docs/adapters.md §7.
 
         For LoRA / rsLoRA / AdaLoRA / VeRA / RandLoRA this is exactly PEFT's ``get_delta_weight``:
         W = W0 + ΔW. For DoRA it is only the *directional* update: the merged weight is NOT W0 + ΔW

@@ -19,16 +19,6 @@ class InvalidRequest(ServerError):
     error_type = "invalid_request"
 
 
-class UnknownAdapter(ServerError):
-    status = 404
-    error_type = "unknown_adapter"
-
-
-class EngineUnavailable(ServerError):
-    status = 503
-    error_type = "engine_unavailable"
-
-
 class ModelLoadError(ServerError):
     """Raised at startup when the checkpoint cannot be served; never reaches a client."""
 

@@ -28,8 +28,4 @@ KIND_PARSERS: dict[str, KindParser] = {
     "RANDLORA": parse_randlora,
 }
 
-# Known PEFT types that are planned but not implemented yet: rejected with a specific message.
-# (VeRA and RandLoRA used to be listed here; the mapping stays so importers keep working.)
-RESERVED_KINDS: dict[str, str] = {}
-
-__all__ = ["KIND_PARSERS", "RESERVED_KINDS", "KindParser"]
+__all__ = ["KIND_PARSERS", "KindParser"]

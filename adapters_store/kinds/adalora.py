@@ -1,4 +1,4 @@
-"""peft_type ADALORA (ADAPTERS.md §5), converted to plain low-rank factors.
+"""peft_type ADALORA (docs/adapters.md §5), converted to plain low-rank factors.
 
 File keys per module (ParameterDict entries, no ``.weight``): ``lora_A [r_l,in]``,
 ``lora_B [out,r_l]``, ``lora_E [r_l,1]``; r_l may be 0 after rank allocation.

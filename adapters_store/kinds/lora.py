@@ -1,4 +1,4 @@
-"""peft_type LORA: plain LoRA, rsLoRA and DoRA (ADAPTERS.md §2).
+"""peft_type LORA: plain LoRA, rsLoRA and DoRA (docs/adapters.md §2).
 
 File keys per module: ``lora_A.weight [r,in]``, ``lora_B.weight [out,r]``, optionally
 ``lora_B.bias [out]`` (lora_bias) or ``lora_magnitude_vector [out]`` (DoRA).

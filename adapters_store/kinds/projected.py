@@ -1,10 +1,10 @@
-"""Parsing shared by the kinds with shared random projections: VeRA and RandLoRA (ADAPTERS.md §3, §4, §6).
+"""Parsing shared by the kinds with shared random projections: VeRA and RandLoRA (docs/adapters.md §3, §4, §6).
 
 File layout: per-layer trained tensors ``base_model.model.<path>.<name>``, optional model-level
 projections ``base_model.<kind>_A/B`` (save_projection=true) and, for RandLoRA, full per-layer
 copies ``base_model.model.<path>.<kind>_A/B`` of the model-level ones.
 
-Projection policy (ADAPTERS.md §10): uploaded projections are compared with the regenerated ones;
+Projection policy (docs/adapters.md §10): uploaded projections are compared with the regenerated ones;
 equal -> dropped (seed family); different -> kept as the adapter's own (stored family).
 Canonical files (``canonical.py``) drop seed projections and record the family key in the
 safetensors metadata, so a config that says save_projection=true still re-parses.

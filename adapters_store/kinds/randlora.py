@@ -1,8 +1,8 @@
-"""peft_type RANDLORA (ADAPTERS.md §4): per-layer ``randlora_lambda [r, nb_l]`` and
+"""peft_type RANDLORA (docs/adapters.md §4): per-layer ``randlora_lambda [r, nb_l]`` and
 ``randlora_gamma [nb_l, min_l]``, scale ``randlora_alpha / r``.
 
 Shared bases ``randlora_A (r, 1, min_dim)`` / ``randlora_B (max_dim, nb, r)``: dense ones are drawn
-in bf16 (PEFT's choice on a CPU-only machine, ADAPTERS.md §9.1), sparse ones in fp32. The per-layer
+in bf16 (PEFT's choice on a CPU-only machine, docs/adapters.md §9.1), sparse ones in fp32. The per-layer
 copies that save_projection=true writes are checked against the model-level ones and dropped.
 """
 

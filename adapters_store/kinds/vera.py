@@ -1,4 +1,4 @@
-"""peft_type VERA (ADAPTERS.md §3): per-layer ``vera_lambda_d [r]`` and ``vera_lambda_b [out]``.
+"""peft_type VERA (docs/adapters.md §3): per-layer ``vera_lambda_d [r]`` and ``vera_lambda_b [out]``.
 
 Shared projections ``vera_A (r, max_in)`` / ``vera_B (max_out, r)`` come from the family (seed) or,
 if they differ from the regenerated ones, from the upload (see ``projected.py``). No scaling.
@@ -20,7 +20,7 @@ _B, _D = "vera_lambda_b", "vera_lambda_d"
 
 
 def _family(cfg: dict[str, Any], r: int, seed: int, dims: tuple[int, int]) -> ProjectionFamily:
-    # VeRA always draws in fp32 (torch default dtype), never sparse (ADAPTERS.md §6.1 step 3).
+    # VeRA always draws in fp32 (torch default dtype), never sparse (docs/adapters.md §6.1 step 3).
     return ProjectionFamily("vera", seed, r, dims[0], dims[1], "dense", "float32")
 
 

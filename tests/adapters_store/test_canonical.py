@@ -95,7 +95,7 @@ def test_canonical_files_are_small(projected_adapters, base_spec, tmp_path):
         assert store.read(name, version) == files
     # VeRA r=16 q/k/v/o: 16 lambda vectors (~4 KB) vs + (16x64 + 64x16) fp32 projections.
     assert sizes["vera"][1] * 2.5 < sizes["vera"][0], sizes
-    # RandLoRA holds 1 + 8 copies of its bases: 181,904 -> ~14 KB (ADAPTERS.md §4.2).
+    # RandLoRA holds 1 + 8 copies of its bases: 181,904 -> ~14 KB (docs/adapters.md §4.2).
     assert sizes["randlora"][0] == 181_904 and sizes["randlora"][1] * 10 < sizes["randlora"][0], sizes
 
 

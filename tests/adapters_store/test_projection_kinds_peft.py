@@ -35,7 +35,7 @@ def peft_layers(loaded, kind: str):
 
 
 def layer_forward(parsed: ParsedAdapter, path: str, x: torch.Tensor) -> torch.Tensor:
-    """The adapter term of one layer, written from ADAPTERS.md §3.3 / §4.3 with the public helpers."""
+    """The adapter term of one layer, written from docs/adapters.md §3.3 / §4.3 with the public helpers."""
     A, B = parsed.resolve_projections()
     f = parsed.layers[path]
     if isinstance(f, VeraFactors):

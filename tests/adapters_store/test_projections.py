@@ -1,4 +1,4 @@
-"""Regenerated VeRA / RandLoRA projections are bit-identical to PEFT's (ADAPTERS.md §6.3 checkpoints + 2)."""
+"""Regenerated VeRA / RandLoRA projections are bit-identical to PEFT's (docs/adapters.md §6.3 checkpoints + 2)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _checkpoints():
     from peft import RandLoraConfig, VeraConfig
 
     R = RandLoraConfig
-    # name: (config, expected (A shape, B shape) or None) -- ADAPTERS.md §6.3
+    # name: (config, expected (A shape, B shape) or None) -- docs/adapters.md §6.3
     return {
         "vera_r16_k0_qkvo": (VeraConfig(r=16, target_modules=QKVO), ((16, 64), (64, 16))),
         "vera_r7_k123_all": (VeraConfig(r=7, projection_prng_key=123, target_modules=ALL), ((7, 128), (128, 7))),
@@ -84,7 +84,7 @@ def test_regenerated_equals_peft_saved(saved, base_spec, name):
     A, B = generate_projections(fam)
     assert A.dtype == B.dtype == torch.float32
     assert torch.equal(A, ref_A) and torch.equal(B, ref_B), f"{name}: not bit-exact"
-    if kind == "randlora":  # every per-layer copy equals the model-level tensor (ADAPTERS.md §4.2)
+    if kind == "randlora":  # every per-layer copy equals the model-level tensor (docs/adapters.md §4.2)
         copies = [k for k in file if re.search(r"\.randlora_[AB]$", k) and k.startswith("base_model.model.")]
         assert len(copies) == 2 * len(parsed.layers)
     if fam.sparsity != "dense":  # ternary up to the std normalisation
@@ -104,7 +104,7 @@ def test_dtype_and_sparsity_choices_matter(saved, base_spec):
     assert (fam.max_out, fam.max_in) == (32, 64)  # max over the adapter's own layers, not the whole model
     ref_A, ref_B = st_load(w_b)["base_model.vera_A"], st_load(w_b)["base_model.vera_B"]
     taller = generate_projections(dataclasses.replace(fam, max_out=64))
-    # ADAPTERS.md §9.3: same max in -> same A, and B's first rows agree (A is drawn first) ...
+    # docs/adapters.md §9.3: same max in -> same A, and B's first rows agree (A is drawn first) ...
     assert torch.equal(taller[0], ref_A) and torch.equal(taller[1][:32], ref_B)
     # ... but a wider A consumes more of the stream, so B changes.
     wider = generate_projections(dataclasses.replace(fam, max_in=128))
