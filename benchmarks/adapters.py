@@ -10,12 +10,20 @@ engine case run 3 times round-robin and the median reported:
 Then: median upload->ready latency over 20 uploads (parse + validate + durable store + register,
 no network), and the largest inter-token gap of 8 running streams while 20 adapters are uploaded.
 
-Usage: python benchmarks/adapters.py [--dtype float32] [--tokens 64]
+Residency (`--only residency` runs just this): 1,000 registered LoRA r16 q,k,v,o adapters with a
+host cache that holds ~130 of them; 16 closed-loop clients each send requests on a random one of the
+1,000 (cold: most need a disk load and a slot load) vs the same traffic on 16 warm adapters, round-robin
+repeats, medians: throughput and p99 TTFT. Then the largest inter-token gap of 8 running streams while
+50 cold adapters are loaded by the loader and 20 others are uploaded.
+
+Usage: python benchmarks/adapters.py [--dtype float32] [--tokens 64] [--only residency]
 """
 
 from __future__ import annotations
 
 import argparse
+import queue
+import random
 import statistics
 import sys
 import tempfile
@@ -106,15 +114,151 @@ def stalls_during_uploads(runtime: Runtime, uploads: list[tuple[bytes, bytes]], 
     return max(gaps) * 1e3, statistics.median(gaps) * 1e3
 
 
+def closed_loop(runtime: Runtime, pick, batch: list[list[int]], requests: int, new_tokens: int,
+                clients: int = CONCURRENCY) -> tuple[float, list[float]]:
+    """`clients` closed-loop clients (each sends its next request when the last one ends), every request
+    on adapter `pick()`, through the running engine thread as the HTTP path does it (resolve, submit).
+    Returns (tokens/s, every request's TTFT in seconds)."""
+    engine = runtime.engine
+    ended: queue.SimpleQueue[str] = queue.SimpleQueue()
+    ttfts: list[float] = []
+
+    def submit(n: int) -> None:
+        rid, arrival = f"loop{n}", time.perf_counter()
+        first: list[float] = []
+
+        def emit(event) -> None:
+            if not first:
+                first.append(time.perf_counter())
+                ttfts.append(first[0] - arrival)
+            if event.finish_reason is not None:
+                assert event.finish_reason == "length", event
+                ended.put(rid)
+        version = runtime.adapters.resolve(pick())
+        engine.submit(Request(rid, batch[n % len(batch)], SamplingParams(max_tokens=new_tokens, ignore_eos=True),
+                              emit=emit, adapter_version=version, arrival_time=arrival, mode="gathered"))
+
+    engine.start()
+    try:
+        start = time.perf_counter()
+        for n in range(clients):
+            submit(n)
+        for n in range(clients, requests + clients):
+            ended.get(timeout=600)
+            if n < requests:
+                submit(n)
+        wall = time.perf_counter() - start
+    finally:
+        engine.stop()
+    return requests * new_tokens / wall, ttfts
+
+
+def p99(values: list[float]) -> float:
+    return sorted(values)[min(len(values) - 1, int(round(0.99 * (len(values) - 1))))]
+
+
+def residency(args, work: Path) -> None:
+    runtime = build_runtime(ServerConfig(model=args.model, dtype=args.dtype, adapters_dir=work / "cold-store",
+                                         engine=EngineConfig(max_model_len=256, max_num_seqs=16, kv_cache_gb=2),
+                                         adapters=AdapterConfig(max_slots=16, host_cache_gb=1.0)))
+    started = time.perf_counter()
+    cold = args.cold
+    for i in range(cold):
+        runtime.adapters.upload(f"cold-{i}", *lora_files(runtime, 16, QKVO, seed=5000 + i))
+    for i in range(16):
+        runtime.adapters.upload(f"warm-{i}", *lora_files(runtime, 16, QKVO, seed=7000 + i))
+    cache = runtime.adapters.cache
+    print(f"registered {cold + 16} adapters in {time.perf_counter() - started:.0f} s; host cache holds {len(cache)} "
+          f"({cache.nbytes / 2**20:.0f} MiB of a {cache.max_bytes / 2**20:.0f} MiB budget)")
+    batch = prompts(runtime, CONCURRENCY)
+    rng = random.Random(0)
+    traffic = {"16 warm adapters": lambda: f"warm-{rng.randrange(16)}",
+               f"{cold:,} cold adapters": lambda: f"cold-{rng.randrange(cold)}"}
+    closed_loop(runtime, traffic["16 warm adapters"], batch, 32, 8)   # warm-up: slots hold the warm ones
+    runs: dict[str, list[tuple[float, list[float]]]] = {name: [] for name in traffic}
+    tiers_before = {name: (c.hits, c.loads) for name, c in (("host", cache.counts),
+                                                            ("slot", runtime.engine.scheduler.adapter_slots.counts))}
+    for _ in range(args.repeats):
+        for name, pick in traffic.items():
+            runs[name].append(closed_loop(runtime, pick, batch, args.requests, args.tokens))
+    rows, warm = [], None
+    for name, results in runs.items():
+        tok_s = statistics.median(r[0] for r in results)
+        tail = statistics.median(p99(r[1]) for r in results)
+        warm = warm or (tok_s, tail)
+        rows.append([name, tok_s, tok_s / warm[0], statistics.median(statistics.median(r[1]) for r in results) * 1e3,
+                     tail * 1e3, tail / warm[1]])
+    print(f"{CONCURRENCY} closed-loop clients, {args.requests} requests x {args.tokens} tokens per run, "
+          f"{args.repeats} round-robin runs, medians")
+    print_table(["traffic", "tok/s", "vs warm", "TTFT p50 ms", "TTFT p99 ms", "p99 vs warm"], rows)
+    counts = [[tier, c.hits - tiers_before[tier][0], c.loads - tiers_before[tier][1], c.evictions]
+              for tier, c in (("host", cache.counts), ("slot", runtime.engine.scheduler.adapter_slots.counts))]
+    print_table(["tier", "hits", "loads", "evictions (total)"], counts)
+    not_in_memory = [f"cold-{i}" for i in range(cold) if not cache.resident(runtime.adapters.get(f"cold-{i}").version)]
+    print(f"{len(not_in_memory)} of the cold adapters are on disk only; loading 50 of them")
+    worst, median_gap = stalls_during_loads(runtime, not_in_memory[:50],
+                                            [lora_files(runtime, 16, QKVO, seed=9000 + i) for i in range(20)],
+                                            max(args.tokens, 128))
+    print_table(["measure", "value"], [
+        ["8 streams during 50 cold loads + 20 uploads: largest inter-token gap", f"{worst:.1f} ms"],
+        ["8 streams during 50 cold loads + 20 uploads: median inter-token gap", f"{median_gap:.1f} ms"],
+        ["largest / median gap", f"{worst / median_gap:.2f}x"],
+    ])
+
+
+def stalls_during_loads(runtime: Runtime, cold_ids: list[str], uploads: list[tuple[bytes, bytes]],
+                        new_tokens: int) -> tuple[float, float]:
+    """(largest, median) inter-token gap in ms of 8 warm streams while the loader brings `cold_ids` in
+    from disk (held as arriving requests would hold them) and `uploads` are published."""
+    engine = runtime.engine
+    stamps: dict[str, list[float]] = {f"s{i}": [] for i in range(8)}
+    done = threading.Event()
+
+    def sink_for(rid: str):
+        def emit(event) -> None:
+            stamps[rid].append(time.perf_counter())
+            if event.finish_reason is not None and all(s and s[-1] for s in stamps.values()):
+                if sum(1 for s in stamps.values() if len(s) >= new_tokens) == len(stamps):
+                    done.set()
+        return emit
+
+    engine.start()
+    try:
+        for i, ids in enumerate(prompts(runtime, 8)):
+            engine.submit(Request(f"s{i}", ids, SamplingParams(max_tokens=new_tokens, ignore_eos=True),
+                                  emit=sink_for(f"s{i}"), adapter_version=runtime.adapters.resolve(f"warm-{i}"),
+                                  arrival_time=time.perf_counter()))
+        time.sleep(1.0)  # streams are decoding before the loads and uploads start
+        held = [runtime.adapters.resolve(adapter_id) for adapter_id in cold_ids]
+        pending = [runtime.adapters.submit_upload(f"during-{i}", *files) for i, files in enumerate(uploads)]
+        for future in pending:
+            future.result()
+        for version in held:
+            runtime.adapters.cache.wait_settled(version)
+            runtime.adapters.cache.release(version)
+        done.wait(timeout=600)
+    finally:
+        engine.stop()
+    gaps = [b - a for s in stamps.values() for a, b in zip(s[1:], s[2:])]  # skip the prefill->first gap
+    return max(gaps) * 1e3, statistics.median(gaps) * 1e3
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="round-robin runs per case (median reported)")
     parser.add_argument("--model", type=Path, default=DEMO_MODEL_DIR)
+    parser.add_argument("--requests", type=int, default=64, help="requests per residency run")
+    parser.add_argument("--only", choices=["residency"], help="run only this part")
+    parser.add_argument("--cold", type=int, default=1000, help="registered cold adapters (residency)")
     args = parser.parse_args()
     report_idle()
     work = Path(tempfile.mkdtemp(prefix="adapter-bench-"))
+    if args.only == "residency":
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}")
+        residency(args, work)
+        return
     runtime = build_runtime(ServerConfig(model=args.model, dtype=args.dtype, adapters_dir=work / "store",
                                          engine=EngineConfig(max_model_len=256, max_num_seqs=16, kv_cache_gb=2),
                                          adapters=AdapterConfig(max_slots=16)))
@@ -171,6 +315,7 @@ def main() -> None:
         ["8 streams during 20 uploads: median inter-token gap", f"{median_gap:.1f} ms"],
         ["largest / median gap", f"{worst / median_gap:.2f}x"],
     ])
+    residency(args, work)
 
 
 if __name__ == "__main__":

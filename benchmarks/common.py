@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import statistics
 import time
 from collections.abc import Callable
@@ -21,7 +22,28 @@ def cpu_busy_fraction(seconds: float = 1.0) -> float:
     return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
 
 
+MATMUL_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_description() -> str:
+    """The CPU model and the flags that decide matmul speed (machines differ between sessions)."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    present = ", ".join(f for f in MATMUL_FLAGS if f in flags) or "none of " + ", ".join(MATMUL_FLAGS)
+    return f"{model}, {os.cpu_count()} cores, flags: {present}"
+
+
 def report_idle() -> None:
+    """Every benchmark starts here: which machine, and whether it is idle."""
+    print(f"CPU: {cpu_description()}")
     busy = cpu_busy_fraction()
     load = os.getloadavg()[0]
     state = "idle" if busy < 0.15 else "BUSY - numbers below are not trustworthy"
