@@ -1,21 +1,30 @@
-"""One step's adapter plan: which token rows use which adapter, and how each layer applies them.
+"""One step's adapter plan: which token rows use which adapter, and the tensors each layer applies.
 
 The runner orders the packed batch so every adapter's tokens are contiguous (decodes grouped by
-family, then slot; prefill segments are contiguous already). LoRA-family adapters are applied per
-row range. VeRA and RandLoRA adapters are applied per projection family, so the products with the
-family's shared bases are done once for all of its tokens. Base-model tokens (slot −1) are in no
-group and cost nothing.
+projection family, then slot; prefill segments are contiguous already) and hands the step's
+`TokenGroup`s to the adapter manager, which asks each kind's slot store for its part of the plan. A
+part is an AdapterDelta (`apply(layer, x, y)`) that holds, by reference, every tensor its kernels read
+(slot factors, stacks, projection bases, per-step metadata): nothing is looked up outside the plan
+during the forward pass. The torch parts are here; their Triton twins are in `kernels.batch_triton`.
+
+    LoRA family (LoRA / rsLoRA / AdaLoRA / DoRA): applied per row range (`LoraRows`).
+    VeRA, RandLoRA: applied per projection family, so the products with the family's shared bases are
+    done once for all of its tokens (`VeraRows`, `RandLoraRows`).
+Base-model tokens (slot −1) are in no group and cost nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from kernels.lora import LinearFactors, lora_rows_ref
-from kernels.shared_bases import RandLoraStack, VeraStack, randlora_family_ref, vera_family_ref
+from kernels.shared_bases import RandLoraProjection, VeraLayer, randlora_family_ref, vera_family_ref
+
+if TYPE_CHECKING:
+    from kernels.segments import StepBuffers
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,25 +41,43 @@ class TokenGroup:
 
 
 @dataclass(frozen=True, slots=True)
-class FamilyRows:
+class ProjectionFamilyRows:
     """The tokens of one VeRA/RandLoRA projection family in this step.
 
-    Example: groups (3, 0, 2), (5, 4, 6) of one family give rows = tensor([0, 1, 4, 5]),
+    Example: groups (3, 0, 2), (5, 4, 6) of one projection family give rows = tensor([0, 1, 4, 5]),
     token_slots = tensor([3, 3, 5, 5]), members = [(slice(0, 2), 3), (slice(2, 4), 5)], span = (0, 6).
     """
 
-    kind: str                                # "vera" | "randlora"
-    key: str                                 # family key
-    rows: slice | torch.Tensor               # the family's rows in the packed batch
+    rows: slice | torch.Tensor               # the projection family's rows in the packed batch
     token_slots: torch.Tensor                # [n] adapter slot of each of those rows
-    members: list[tuple[slice, int]]         # (rows within the family's tokens, slot)
-    span: tuple[int, int] = (0, 0)           # [first row, last row + 1] of the family (host ints)
+    members: list[tuple[slice, int]]         # (rows within the projection family's tokens, slot)
+    span: tuple[int, int] = (0, 0)           # [first row, last row + 1] of the projection family (host ints)
+
+    @classmethod
+    def of(cls, groups: list[TokenGroup], device: torch.device | str) -> "ProjectionFamilyRows":
+        members, offset = [], 0
+        for g in groups:
+            members.append((slice(offset, offset + g.end - g.start), g.slot))
+            offset += g.end - g.start
+        contiguous = all(a.end == b.start for a, b in zip(groups, groups[1:]))
+        rows = (slice(groups[0].start, groups[-1].end) if contiguous
+                else torch.tensor([i for g in groups for i in range(g.start, g.end)], device=device))
+        token_slots = torch.tensor([g.slot for g in groups for _ in range(g.start, g.end)], device=device)
+        span = (min(g.start for g in groups), max(g.end for g in groups))
+        return cls(rows, token_slots, members, span)
 
 
-class FamilyLayers(Protocol):
-    def vera_stack(self, family: str, layer_key: str) -> VeraStack | None: ...
-    def randlora_stacks(self, family: str, layer_key: str) -> dict[tuple[int, int], RandLoraStack | None]: ...
-    def bases(self, family: str, out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+@dataclass(slots=True)
+class StepInputs:
+    """What every slot store's part of one step shares: its size, its form, and (Triton backend) the
+    per-step buffers allocated once at startup. `projection_families` counts the projection families
+    that took a token→slot row of `buffers.projection_slots` so far in this step."""
+
+    num_tokens: int
+    decode_only: bool                        # one token per sequence: the Triton token form
+    device: torch.device | str = "cpu"
+    buffers: "StepBuffers | None" = None
+    projection_families: int = 0
 
 
 class LinearLike(Protocol):
@@ -59,49 +86,75 @@ class LinearLike(Protocol):
     bias: torch.Tensor | None
 
 
-class AdapterBatch:
-    """Implements the model's AdapterDelta: adds every adapter's contribution to a layer's output."""
+class AdapterDelta(Protocol):
+    def apply(self, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
-    def __init__(self, groups: list[TokenGroup], families: list[FamilyRows],
-                 slot_factors: list[dict[str, LinearFactors] | None], family_layers: FamilyLayers) -> None:
-        self.groups = groups                 # LoRA-family adapters only
-        self.families = families
-        self.slot_factors = slot_factors     # slot -> {layer key -> factors}
-        self.family_layers = family_layers
+
+class StepPlan:
+    """A step whose adapters belong to more than one slot store: each store's part in turn (their rows
+    are disjoint). A step with one store's adapters uses that part directly."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list[AdapterDelta]) -> None:
+        self.parts = parts
 
     def apply(self, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self._lora(layer, x, y)
-        for family in self.families:
-            if family.kind == "vera":
-                self._vera(family, layer, x, y)
-            else:
-                self._randlora(family, layer, x, y)
+        for part in self.parts:
+            y = part.apply(layer, x, y)
         return y
 
-    def _lora(self, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
-        """LoRA-family adapters, one row range at a time (the backend-specific part).
 
-        Always at the process's thread count, as PEFT runs: on AVX-512 machines MKL picks another
-        kernel for one thread than for two, and running small groups single-threaded (faster on an
-        AVX2 machine) moved DoRA's logits 1.06e-4 away from PEFT's; at the same thread count they
-        are bit-identical."""
+class LoraRows:
+    """LoRA-family adapters on the torch path, one row range at a time.
+
+    Always at the process's thread count, as PEFT runs: on AVX-512 machines MKL picks another kernel for
+    one thread than for two, and running small groups single-threaded (faster on an AVX2 machine) moved
+    DoRA's logits 1.06e-4 away from PEFT's; at the same thread count they are bit-identical."""
+
+    __slots__ = ("groups", "slot_factors")
+
+    def __init__(self, groups: list[TokenGroup], slot_factors: list[dict[str, LinearFactors] | None]) -> None:
+        self.groups = groups
+        self.slot_factors = slot_factors     # slot -> {layer key -> factors} (the store's list, by reference)
+
+    def apply(self, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for group in self.groups:
             factors = self.slot_factors[group.slot].get(layer.key)
             if factors is not None:
                 lora_rows_ref(x[group.start:group.end], y[group.start:group.end], layer.bias, factors)
+        return y
 
-    def _vera(self, family: FamilyRows, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
-        stack = self.family_layers.vera_stack(family.key, layer.key)
-        if stack is not None:
-            A_l, B = self.family_layers.bases(family.key, stack.max_out, layer.in_features)
-            vera_family_ref(x, y, family.rows, family.token_slots, A_l, B, stack)
 
-    def _randlora(self, family: FamilyRows, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
-        for out_start, out_f in self.family_layers.randlora_stacks(family.key, layer.key):
-            _, V = self.family_layers.bases(family.key, out_f, layer.in_features)
-            members = []
-            for rows, slot in family.members:
-                factors = self.slot_factors[slot].get(layer.key)
-                piece = next((s for s in factors.slices if s.out_start == out_start), None) if factors else None
-                members.append((rows, piece))
-            randlora_family_ref(x, y[:, out_start:out_start + out_f], family.rows, members, V)
+class VeraRows:
+    """One VeRA projection family's tokens on the torch path (`vera_family_ref` per packed layer)."""
+
+    __slots__ = ("rows", "layers")
+
+    def __init__(self, rows: ProjectionFamilyRows, layers: dict[str, VeraLayer]) -> None:
+        self.rows = rows
+        self.layers = layers                 # layer key -> VeraLayer (the store's dict, by reference)
+
+    def apply(self, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        vera = self.layers.get(layer.key)
+        if vera is not None:
+            vera_family_ref(x, y, self.rows.rows, self.rows.token_slots, vera.A_l, vera.B, vera.stack)
+        return y
+
+
+class RandLoraRows:
+    """One RandLoRA projection family's tokens on the torch path (`randlora_family_ref` per projection)."""
+
+    __slots__ = ("rows", "layers")
+
+    def __init__(self, rows: ProjectionFamilyRows,
+                 layers: dict[str, dict[tuple[int, int], RandLoraProjection]]) -> None:
+        self.rows = rows
+        self.layers = layers                 # layer key -> {(out_start, out_features) -> projection}
+
+    def apply(self, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for proj in self.layers.get(layer.key, {}).values():
+            members = [(rows, proj.pieces[slot]) for rows, slot in self.rows.members]
+            randlora_family_ref(x, y[:, proj.out_start:proj.out_start + proj.out_features], self.rows.rows,
+                                members, proj.V)
+        return y

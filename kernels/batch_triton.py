@@ -1,60 +1,85 @@
-"""The Triton-backend AdapterBatch: every adapter kind of a step through the Triton ops.
+"""The Triton-backend parts of a step plan: the twins of `kernels.batch`'s torch parts.
 
-Imports triton (via the kernel modules), so only the "triton" backend imports this module. Same plan as
-`AdapterBatch` (same groups and families, built by AdapterManager.plan); what differs is where the
-work goes:
-  LoRA / rsLoRA / AdaLoRA / DoRA: one shrink + expand launch pair per layer for all of the step's
-    adapters, q/k/v (gate/up) as slices of the same launch; the token form for decode-only steps, the
-    segment form when a prefill chunk is in the step;
-  VeRA: one shared shrink and one expand launch per family and packed layer (all its projections);
-  RandLoRA: the factored λ/Γ-gathering kernels, once per family and projection.
-The step's metadata and scratch live in the manager's `StepBuffers` (allocated once, filled per step).
+Imports triton (via the kernel modules), so only the "triton" backend imports this module. Each part
+holds every tensor its launches read; the step's metadata and scratch live in the `StepBuffers`
+(allocated once at startup, filled once per step, shared by every layer):
+  LoRA / rsLoRA / AdaLoRA / DoRA (`LoraSlots`): one shrink + expand launch pair per layer for all of the
+    step's adapters, q/k/v (gate/up) as slices of the same launch; the token form for decode-only
+    steps, the segment form when a prefill chunk is in the step;
+  VeRA (`VeraTokens`): one shared shrink and one expand launch per projection family and packed layer;
+  RandLoRA (`RandLoraTokens`): the factored λ/Γ-gathering kernels, once per projection family and projection.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.batch import AdapterBatch, FamilyLayers, FamilyRows, LinearLike, TokenGroup
-from kernels.lora import LinearFactors
+from kernels.batch import LinearLike, ProjectionFamilyRows, StepInputs, TokenGroup
 from kernels.lora_triton import lora_apply
 from kernels.segments import StepBuffers
+from kernels.shared_bases import RandLoraProjection, VeraLayer
 from kernels.shared_bases_triton import randlora_apply, vera_apply
 from kernels.slot_store import LoraSlotStore
 
 
-class TritonAdapterBatch(AdapterBatch):
-    def __init__(self, groups: list[TokenGroup], families: list[FamilyRows],
-                 slot_factors: list[dict[str, LinearFactors] | None], family_layers: FamilyLayers,
-                 slots: LoraSlotStore, buffers: StepBuffers, num_tokens: int, decode_only: bool) -> None:
-        super().__init__(groups, families, slot_factors, family_layers)
-        self.slots = slots
-        self.buffers = buffers
-        self.form = "tokens" if decode_only else "segments"
-        # Once per step, shared by every layer: the LoRA grouping and each family's token→slot row.
-        self.meta = buffers.fill_meta([(g.slot, g.start, g.end) for g in groups], num_tokens) if groups else None
-        # Each family's kernels cover only its span of rows (a VeRA decode family inside a long prefill
-        # step launches over its few rows, not all of them); rows in the span outside the family are −1.
-        self.token_slots = {f.key: buffers.fill_family(i, f.rows, f.token_slots, num_tokens)[f.span[0]:f.span[1]]
-                            for i, f in enumerate(families)}
+class LoraSlots:
+    __slots__ = ("slots", "buffers", "meta", "form")
 
-    def _lora(self, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
-        bufs = self.slots.get(layer.key) if self.meta is not None else None
+    def __init__(self, groups: list[TokenGroup], slots: LoraSlotStore, step: StepInputs) -> None:
+        self.slots = slots
+        self.buffers = step.buffers
+        self.form = "tokens" if step.decode_only else "segments"
+        # Once per step, shared by every layer: the LoRA-family grouping.
+        self.meta = step.buffers.fill_meta([(g.slot, g.start, g.end) for g in groups], step.num_tokens)
+
+    def apply(self, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        bufs = self.slots.get(layer.key)
         if bufs is not None:
             h = self.buffers.lora_scratch(len(bufs.out_slices), bufs.max_rank)
             lora_apply(x, y, bufs, self.meta, h, self.form, base_bias=layer.bias)
+        return y
 
-    def _vera(self, family: FamilyRows, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
-        stack = self.family_layers.vera_stack(family.key, layer.key)
-        if stack is not None:
-            A_l, B = self.family_layers.bases(family.key, stack.max_out, layer.in_features)
-            h = self.buffers.family_scratch(A_l.shape[0])
-            rows = slice(*family.span)
-            vera_apply(x[rows], y[rows], A_l, B, stack, self.token_slots[family.key], h)
 
-    def _randlora(self, family: FamilyRows, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> None:
-        for (out_start, out_f), stack in self.family_layers.randlora_stacks(family.key, layer.key).items():
-            A_l, V = self.family_layers.bases(family.key, out_f, layer.in_features)
-            h = self.buffers.family_scratch(V.shape[1])
-            rows = slice(*family.span)
-            randlora_apply(x[rows], y[rows], A_l, V, stack, self.token_slots[family.key], out_start, h)
+def _token_slots(rows: ProjectionFamilyRows, step: StepInputs) -> torch.Tensor:
+    """This projection family's token→slot row of the step buffers, over its span of rows only (a VeRA
+    projection family decoding inside a long prefill step launches over its few rows, not all of them);
+    rows in the span outside the projection family are −1. Once per step and projection family."""
+    index = step.projection_families
+    step.projection_families += 1
+    slots = step.buffers.fill_projection_family(index, rows.rows, rows.token_slots, step.num_tokens)
+    return slots[rows.span[0]:rows.span[1]]
+
+
+class VeraTokens:
+    __slots__ = ("span", "token_slots", "layers", "buffers")
+
+    def __init__(self, rows: ProjectionFamilyRows, layers: dict[str, VeraLayer], step: StepInputs) -> None:
+        self.span = slice(*rows.span)
+        self.token_slots = _token_slots(rows, step)
+        self.layers = layers
+        self.buffers: StepBuffers = step.buffers
+
+    def apply(self, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        vera = self.layers.get(layer.key)
+        if vera is not None:
+            h = self.buffers.projection_scratch(vera.A_l.shape[0])
+            vera_apply(x[self.span], y[self.span], vera.A_l, vera.B, vera.stack, self.token_slots, h)
+        return y
+
+
+class RandLoraTokens:
+    __slots__ = ("span", "token_slots", "layers", "buffers")
+
+    def __init__(self, rows: ProjectionFamilyRows, layers: dict[str, dict[tuple[int, int], RandLoraProjection]],
+                 step: StepInputs) -> None:
+        self.span = slice(*rows.span)
+        self.token_slots = _token_slots(rows, step)
+        self.layers = layers
+        self.buffers: StepBuffers = step.buffers
+
+    def apply(self, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for proj in self.layers.get(layer.key, {}).values():
+            h = self.buffers.projection_scratch(proj.V.shape[1])
+            randlora_apply(x[self.span], y[self.span], proj.A_l, proj.V, proj.stack, self.token_slots,
+                           proj.out_start, h)
+        return y

@@ -12,7 +12,7 @@ Pure torch. Each part is preallocated at its maximum size so a step allocates no
 Rows past num_tokens have slot −1, segments past num_segments are never read, so every kernel
 launch can use the maximum grid and stay correct.
 
-`StepBuffers` — owns the StepMeta plus the per-family token→slot rows and the kernels' fp32 scratch.
+`StepBuffers` — owns the StepMeta plus the per-projection-family token→slot rows and the kernels' fp32 scratch.
 
 `SlotBuffers` — one per AdaptedLinear, vLLM's stacked layout, `copy_` to load an adapter:
     A_buf [n_slices, max_slots, max_rank, in]       A of projection j for slot s = A_buf[j, s, :r]
@@ -35,14 +35,14 @@ Worked example: slots [3, 3, −1, 5] as decodes, then a 4-token prefill of slot
 
 What a CUDA graph of the decode step needs, and where this code stands:
   done   — every device buffer a step touches is allocated before any step and only written in place
-           (`StepBuffers`: StepMeta, the family token→slot rows, both scratches; the slot buffers and
+           (`StepBuffers`: StepMeta, the projection families' token→slot rows, both scratches; the slot buffers and
            RandLoRA/VeRA stacks are written at adapter load, between steps, which a replay picks up
            because the graph reads them by address); the kernels read num_segments on the device and
            never need a host read of a device value; decode-only steps use the token form, whose grid
            depends only on the token count.
   needed — launch the token form with the padded batch size (rows past num_tokens carry slot −1)
            and capture one graph per padded size, as vLLM does; launch the VeRA/RandLoRA kernels for
-           every resident family rather than only the step's (a family without tokens is all −1 and
+           every resident projection family rather than only the step's (one without tokens is all −1 and
            does no work), so the launch sequence does not depend on the adapter mix; make the model's
            own per-step inputs (token ids, positions, KV slot ids, the decode attention mask) fixed-size
            device buffers; and keep `StepBuffers.fill_*` and any scratch growth outside the replay.
@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.lora import LinearFactors, SliceFactors
+from kernels.lora import LinearFactors, SliceFactors, lora_rows_ref
 
 Group = tuple[int, int, int]   # (slot, start, end): rows [start, end) use `slot`
 
@@ -118,23 +118,25 @@ def build_step_meta(groups: list[Group], num_tokens: int, max_tokens: int | None
 
 class StepBuffers:
     """Every per-step buffer the Triton path writes or reads besides weights, allocated once and reused:
-    the StepMeta, one token→slot row per VeRA/RandLoRA family of the step, the LoRA shrink scratch and
-    the shared-bases scratch. They are sized at startup for the engine's token budget; a scratch grows
+    the StepMeta, one token→slot row per VeRA/RandLoRA projection family of the step, the LoRA shrink
+    scratch and the shared-bases scratch. They are sized at startup for the engine's token budget; a scratch grows
     (reallocates, counted in `allocations`) only when a loaded adapter needs a wider one, which is a
     load-time event, so a steady stream of steps allocates nothing on the device.
 
-        family_slots [max_families, max_tokens] int32   row i: slot of each row for the step's i-th family, −1 elsewhere
-        lora_h       [max_slices, max_tokens, max_rank] fp32   x Aᵀ per projection (LoRA shrink → expand)
-        family_h     [max_tokens, max_width]            fp32   x A_lᵀ (VeRA), x Uᵀ or x V (RandLoRA)
+        projection_slots [max_projection_families, max_tokens] int32
+                         row i: slot of each row for the step's i-th projection family, −1 elsewhere
+        lora_h           [max_slices, max_tokens, max_rank] fp32    x Aᵀ per projection (LoRA shrink → expand)
+        projection_h     [max_tokens, max_width] fp32              x A_lᵀ (VeRA), x Uᵀ or x V (RandLoRA)
     """
 
-    def __init__(self, max_tokens: int, max_families: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, max_tokens: int, max_projection_families: int, device: torch.device | str = "cpu") -> None:
         self.device = device
         self.max_tokens = max_tokens
         self.meta = alloc_step_meta(max_tokens, max_tokens, device)   # a group has ≥ 1 token
-        self.family_slots = torch.full((max_families, max_tokens), -1, dtype=torch.int32, device=device)
+        self.projection_slots = torch.full((max_projection_families, max_tokens), -1, dtype=torch.int32,
+                                           device=device)
         self.lora_h = torch.zeros(0, max_tokens, 0, dtype=torch.float32, device=device)
-        self.family_h = torch.zeros(max_tokens, 0, dtype=torch.float32, device=device)
+        self.projection_h = torch.zeros(max_tokens, 0, dtype=torch.float32, device=device)
         self.allocations = 0
 
     def fill_meta(self, groups: list[Group], num_tokens: int) -> StepMeta:
@@ -142,10 +144,11 @@ class StepBuffers:
             raise ValueError(f"{num_tokens} tokens exceed the step buffers' {self.max_tokens}")
         return fill_step_meta(self.meta, groups, num_tokens)
 
-    def fill_family(self, index: int, rows: slice | torch.Tensor, token_slots: torch.Tensor,
-                    num_tokens: int) -> torch.Tensor:
-        """Row `index` of family_slots for this step: [num_tokens] with the family's rows set to their slot."""
-        out = self.family_slots[index, :num_tokens]
+    def fill_projection_family(self, index: int, rows: slice | torch.Tensor, token_slots: torch.Tensor,
+                               num_tokens: int) -> torch.Tensor:
+        """Row `index` of projection_slots for this step: [num_tokens] with the projection family's rows set to
+        their slot."""
+        out = self.projection_slots[index, :num_tokens]
         out.fill_(-1)
         out[rows if isinstance(rows, slice) else rows.to(self.device)] = token_slots.to(self.device, torch.int32)
         return out
@@ -157,11 +160,11 @@ class StepBuffers:
             self.allocations += 1
         return self.lora_h[:n_slices, :, :max_rank]
 
-    def family_scratch(self, width: int) -> torch.Tensor:
-        if self.family_h.shape[1] < width:
-            self.family_h = torch.zeros(self.max_tokens, width, dtype=torch.float32, device=self.device)
+    def projection_scratch(self, width: int) -> torch.Tensor:
+        if self.projection_h.shape[1] < width:
+            self.projection_h = torch.zeros(self.max_tokens, width, dtype=torch.float32, device=self.device)
             self.allocations += 1
-        return self.family_h[:, :width]
+        return self.projection_h[:, :width]
 
 
 @dataclass(slots=True)
@@ -217,8 +220,6 @@ def write_slot(bufs: SlotBuffers, slot: int, factors: LinearFactors | None) -> N
     if factors is None:
         return
     for s in factors.slices:
-        if not isinstance(s, SliceFactors):
-            raise TypeError(f"{type(s).__name__} uses the shared-bases ops, not slot buffers")
         j = bufs.out_slices.index((s.out_start, s.out_features))
         r, cols = s.rank, slice(s.out_start, s.out_start + s.out_features)
         if r > bufs.max_rank:
@@ -239,31 +240,33 @@ def write_slot(bufs: SlotBuffers, slot: int, factors: LinearFactors | None) -> N
 
 def lora_shrink_expand_ref(x: torch.Tensor, y: torch.Tensor, meta: StepMeta, bufs: SlotBuffers,
                            base_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Torch reference of the slot-buffer ops, in place on y [T, total_out], per live segment i and
-    projection j with s = seg_slots[i], r = slot_ranks[j, s], rows = seg i, cols = slice j:
-        L = (x[rows] A_buf[j, s, :r]ᵀ) B_buf[s, cols, :r]ᵀ
-        y[rows, cols] += (g − 1) ⊙ (y − b0) + (g ⊙ L) · slot_scales[j, s] + bias[s, cols]
-    with g ≡ 1 and bias ≡ 0 when the buffers have none (then it is `y += L · scale`).
+    """Torch reference of the slot-buffer ops, in place on y [T, total_out]: for each live segment i,
+    `kernels.lora.lora_rows_ref` (the one torch statement of the LoRA-family op) on its rows, with the
+    factors of slot s = seg_slots[i] read back from the buffers as views: per projection j with
+    r = slot_ranks[j, s] > 0, A = A_buf[j, s, :r], Bᵀ = B_buf[s, cols_j, :r]ᵀ, scale = slot_scales[j, s],
+    bias = bias_buf[s, cols_j] and g = g_buf[s, cols_j] when the buffers have those planes (g ≡ 1 rows run
+    DoRA's form with g = 1, as the kernel's epilogue does).
     """
     starts, lens, slots = (t.tolist() for t in (meta.seg_starts, meta.seg_lens, meta.seg_slots))
     for i in range(int(meta.num_segments.item())):
         slot, rows = slots[i], slice(starts[i], starts[i] + lens[i])
         if slot < 0 or lens[i] == 0:
             continue
-        for j, (out_start, out_f) in enumerate(bufs.out_slices):
-            r = int(bufs.slot_ranks[j, slot])
-            if r == 0:
-                continue
-            cols = slice(out_start, out_start + out_f)
-            ys = y[rows, cols]
-            lora = torch.mm(x[rows], bufs.A_buf[j, slot, :r].T) @ bufs.B_buf[slot, cols, :r].T
-            scale = float(bufs.slot_scales[j, slot])
-            if bufs.g_buf is not None:
-                g = bufs.g_buf[slot, cols]
-                base = ys - base_bias[cols] if base_bias is not None else ys.clone()
-                ys.add_((g - 1) * base + g * lora * scale)
-            else:
-                ys.add_(lora.mul_(scale))
-            if bufs.bias_buf is not None:
-                ys.add_(bufs.bias_buf[slot, cols])
+        lora_rows_ref(x[rows], y[rows], base_bias, slot_factors(bufs, slot))
     return y
+
+
+def slot_factors(bufs: SlotBuffers, slot: int) -> LinearFactors:
+    """The factors held in `slot` of one layer's buffers, as views (what `write_slot` wrote, scale / divisor
+    folded into the scale)."""
+    pieces = []
+    for j, (out_start, out_f) in enumerate(bufs.out_slices):
+        r = int(bufs.slot_ranks[j, slot])
+        if r == 0:
+            continue
+        cols = slice(out_start, out_start + out_f)
+        pieces.append(SliceFactors(out_start, out_f, bufs.A_buf[j, slot, :r], bufs.B_buf[slot, cols, :r].T,
+                                   float(bufs.slot_scales[j, slot]),
+                                   bias=None if bufs.bias_buf is None else bufs.bias_buf[slot, cols],
+                                   output_scale=None if bufs.g_buf is None else bufs.g_buf[slot, cols]))
+    return LinearFactors(pieces)

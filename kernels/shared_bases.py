@@ -1,9 +1,16 @@
-"""Torch reference ops for adapters built on shared random bases (VeRA, RandLoRA).
+"""Torch reference ops for adapters built on shared random bases (VeRA, RandLoRA), and the per-slot
+layouts they read.
 
 All adapters of one projection family share the same frozen bases, so the expensive products with
-the bases are done once for every token of the family, and only small per-adapter factors are
-gathered per token. `rows` selects the family's tokens in the packed batch: a slice when they are
-contiguous, else an index tensor.
+the bases are done once for every token of the projection family, and only small per-adapter factors
+are gathered per token. `rows` selects the projection family's tokens in the packed batch: a slice when
+they are contiguous, else an index tensor.
+
+What a step reads per packed layer (written at adapter load by the VeRA / RandLoRA slot stores, handed
+to the step plan by reference, so nothing is looked up during the forward pass):
+    VeRA:     `VeraLayer`  = the layer's `VeraStack` (every slot's λ_d, λ_b) + the bases A_l, B
+    RandLoRA: one `RandLoraProjection` per adapted projection = its bases A_l, V + every slot's factors:
+              `RandLoraSlice`s (U, scale; the torch path) or a `RandLoraStack` (λ, Γ, scale; Triton)
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ Rows = slice | torch.Tensor
 
 
 class VeraStack:
-    """Every slot's VeRA vectors for one packed layer of one family, stacked so one gather (torch) or one
+    """Every slot's VeRA vectors for one packed layer of one projection family, stacked so one gather (torch) or one
     launch (Triton) serves all of the layer's projections:
 
         lambda_d [n_slices, max_slots, r]   λ_d of projection j (q/k/v or gate/up) for each slot
@@ -60,7 +67,7 @@ class VeraStack:
 
 @dataclass(slots=True)
 class RandLoraStack:
-    """Every slot's trained RandLoRA factors for one projection of one family, stacked so a kernel can
+    """Every slot's trained RandLoRA factors for one projection of one projection family, stacked so a kernel can
     gather them per token (the Triton backend's layout; the torch path uses each slot's U instead).
 
     lam [max_slots, r, nb] fp32 (randlora_lambda), gamma [max_slots, nb, min] fp32 (randlora_gamma),
@@ -88,6 +95,46 @@ class RandLoraStack:
         self.lam[slot].zero_()
         self.gamma[slot].zero_()
         self.scales[slot] = 0.0
+
+
+@dataclass(slots=True)
+class VeraLayer:
+    """One packed layer of a VeRA projection family: every slot's vectors and the family's bases sliced
+    to the layer (A_l [r, in], B [≥ max out_j, r]: B_l of projection j is B[:out_j])."""
+
+    stack: VeraStack
+    A_l: torch.Tensor
+    B: torch.Tensor
+
+
+@dataclass(slots=True)
+class RandLoraSlice:
+    """One RandLoRA adapter's factors for one projection, as the torch path multiplies by them:
+    U = (λ ⊙ A_l ⊙ Γ) flattened (`randlora_u`, PEFT's order), built once at load, and the scale."""
+
+    U: torch.Tensor                       # [r·nb, min(in, out)] in the model dtype
+    scale: float
+
+
+@dataclass(slots=True)
+class RandLoraProjection:
+    """One projection (columns [out_start, out_start + out_features) of a packed layer) that some loaded
+    adapter of a RandLoRA projection family adapts, with the family's bases sliced to it (PEFT's slices:
+    A_l [r, 1, min], V [max, nb·r]) and every slot's factors in the layout of the backend: `pieces`
+    (slot → RandLoraSlice or None, torch) or `stack` (Triton)."""
+
+    out_start: int
+    out_features: int
+    A_l: torch.Tensor
+    V: torch.Tensor
+    pieces: list[RandLoraSlice | None] | None = None
+    stack: RandLoraStack | None = None
+
+
+def randlora_u(lam: torch.Tensor, gamma: torch.Tensor, A_l: torch.Tensor) -> torch.Tensor:
+    """U = (λ[:, :, None] ⊙ A_l ⊙ Γ[None]) flattened to [r·nb, min], in float32, exactly as PEFT computes it
+    on every forward (λ [r, nb], Γ [nb, min] float32; A_l [r, 1, min])."""
+    return (lam[:, :, None] * A_l.float() * gamma[None]).flatten(end_dim=1)
 
 
 def _take(x: torch.Tensor, rows: Rows) -> torch.Tensor:
@@ -120,20 +167,19 @@ def vera_family_ref(x: torch.Tensor, y: torch.Tensor, rows: Rows, token_slots: t
 
 
 def randlora_family_ref(x: torch.Tensor, y: torch.Tensor, rows: Rows, members: list, V: torch.Tensor) -> None:
-    """For each adapter g of the family (its rows within the family's tokens, its RandLoraSlice with
-    U_g [r·nb, min] and scale s_g; None when g does not adapt this projection):
+    """For each adapter g of the projection family (its rows within the family's tokens, its RandLoraSlice
+    with U_g [r·nb, min] and scale s_g; None when g does not adapt this projection):
     in ≤ out:  y[rows_g] += ((x[rows_g] U_gᵀ) Vᵀ) · s_g        (the Vᵀ product shared by the family)
     in > out:  y[rows_g] += ((x[rows_g] V) U_g) · s_g           (the V product shared by the family)
 
-    V [max_l, nb·r] is the family's flattened basis, already sliced to this layer (PEFT's pairing of
-    U's rows with V's columns, ADAPTERS.md §4.3).
+    x [T, in]; y [T, out] (the projection's columns of the layer output); V [max_l, nb·r] is the
+    family's flattened basis, already sliced to this layer (PEFT's pairing of U's rows with V's
+    columns, docs/adapters.md §4.3).
     """
-    adapting = [p for _, p in members if p is not None]
-    if not adapting:   # only another loaded adapter of the family targets this projection
+    if all(p is None for _, p in members):   # only another loaded adapter of the family targets this projection
         return
     xf = _take(x, rows)                                                    # [n, in]
-    in_le_out = adapting[0].in_le_out
-    if in_le_out:
+    if x.shape[1] <= y.shape[1]:                                           # in ≤ out
         h = torch.zeros(xf.shape[0], V.shape[1], dtype=xf.dtype, device=xf.device)   # [n, r·nb]
         for g_rows, piece in members:
             if piece is not None:
@@ -141,7 +187,7 @@ def randlora_family_ref(x: torch.Tensor, y: torch.Tensor, rows: Rows, members: l
         delta = h @ V.T                                                    # [n, out]
     else:
         p = xf @ V                                                         # [n, r·nb]
-        delta = torch.zeros(xf.shape[0], members_out(members), dtype=xf.dtype, device=xf.device)
+        delta = torch.zeros(xf.shape[0], y.shape[1], dtype=xf.dtype, device=xf.device)
         for g_rows, piece in members:
             if piece is not None:
                 delta[g_rows] = p[g_rows] @ piece.U
@@ -149,7 +195,3 @@ def randlora_family_ref(x: torch.Tensor, y: torch.Tensor, rows: Rows, members: l
         if piece is not None:
             delta[g_rows] *= piece.scale
     _add_rows(y, rows, delta)
-
-
-def members_out(members: list) -> int:
-    return next(p.U.shape[1] for _, p in members if p is not None)

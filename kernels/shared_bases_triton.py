@@ -8,10 +8,10 @@ row's slot, −1 for rows outside the family (no work, rows untouched).
 Two generic gathered products (λ strides may be 0 to broadcast a per-slot scalar or a constant):
     gathered_shrink: h[t, :R]      = λ[s, :R] ⊙ round(x[t] Wᵀ)          W [R, K]   (h fp32 scratch)
     gathered_expand: y[t, cols]   += λ[s, cols] ⊙ round(h[t] Wᵀ)        W [N, R]
-VeRA (`vera_apply`, ADAPTERS.md §3): h = gathered_shrink(x, A_l) without λ, once per packed layer (A_l
+VeRA (`vera_apply`, docs/adapters.md §3): h = gathered_shrink(x, A_l) without λ, once per packed layer (A_l
 depends only on the input size), then one launch over every projection j of the layer:
     y[t, cols_j] += λ_b[s, cols_j] ⊙ round(round(λ_d[j, s] ⊙ h[t]) B[:out_j]ᵀ)
-RandLoRA (ADAPTERS.md §4.3) never builds an adapter's U = λ ⊙ A ⊙ Γ, which is [r·nb, min] per projection
+RandLoRA (docs/adapters.md §4.3) never builds an adapter's U = λ ⊙ A ⊙ Γ, which is [r·nb, min] per projection
 (as large as the base weight for square layers); its kernels read the trained λ [r, nb] and Γ [nb, min]
 of each token's slot from a `RandLoraStack` and the family's A [r, 1, min]:
     in ≤ out: h[t, i·nb+b] = λ[s,i,b] · Σ_c x[t,c] Γ[s,b,c] A[i,c]          (= x Uᵀ, `randlora_gamma_shrink`)

@@ -29,8 +29,8 @@ class LayerLike(Protocol):
 
 def _needs(factors: LinearFactors) -> tuple[int, bool, bool]:
     rank = max((s.rank for s in factors.slices), default=0)
-    bias = any(getattr(s, "bias", None) is not None for s in factors.slices)
-    dora = any(getattr(s, "output_scale", None) is not None for s in factors.slices)
+    bias = any(s.bias is not None for s in factors.slices)
+    dora = any(s.output_scale is not None for s in factors.slices)
     return rank, bias, dora
 
 

@@ -143,9 +143,12 @@ def main(workdir: Path) -> None:
     got = _forward(model, ids, manager, groups)
     for kernel in (lora_ops._lora_shrink_seg_kernel, sb_ops._randlora_gamma_shrink_kernel):
         assert isinstance(kernel, InterpretedFunction)
-    assert manager.lora_slots is not None and max(b.max_rank for b in manager.lora_slots.buffers.values()) == 128
-    randlora_slot = manager.table.slot_of("randlora")
-    assert all(p.U is None for f in manager.slot_factors[randlora_slot].values() for p in f.slices), \
+    lora = manager.store_for("lora")
+    assert lora.slot_factors is None, "the Triton backend keeps no per-slot LoRA copy beside the slot buffers"
+    assert max(b.max_rank for b in lora.slots.buffers.values()) == 128
+    projections = [p for layers in manager.store_for("randlora").layers.values() for per_layer in layers.values()
+                   for p in per_layer.values()]
+    assert projections and all(p.pieces is None and p.stack is not None for p in projections), \
         "the Triton path must not materialise RandLoRA's U"
     assert (ref - base).abs().max().item() > 1e-2
     for k, (name, start, end) in enumerate(groups):   # each group's own delta matters (not just via attention)
@@ -160,12 +163,13 @@ def main(workdir: Path) -> None:
     # The per-token form (what decode-only steps use) on the same rows, through the same step buffers:
     # after the first step sized them, later steps reuse them without allocating.
     buffers = manager.step_buffers
-    allocations, pointers = buffers.allocations, (buffers.lora_h.data_ptr(), buffers.family_h.data_ptr())
+    allocations, pointers = buffers.allocations, (buffers.lora_h.data_ptr(), buffers.projection_h.data_ptr())
     got_tokens = _forward(model, ids, manager, groups, decode_only=True)
     err = (got_tokens - ref).abs().max().item()
     print(f"max |triton - torch| = {err:.3g} (token form)")
     assert err < 1e-4, err
-    assert buffers.allocations == allocations and (buffers.lora_h.data_ptr(), buffers.family_h.data_ptr()) == pointers
+    assert buffers.allocations == allocations
+    assert (buffers.lora_h.data_ptr(), buffers.projection_h.data_ptr()) == pointers
     _engine_runs_agree(model_dir, files, workdir)
     print("EQUAL")
 
@@ -199,7 +203,7 @@ def _engine_runs_agree(model_dir: Path, files: dict, workdir: Path) -> None:
         for i, name in enumerate(["lora-bias", "vera", None, "randlora", "dora", "rslora-r80"]):
             prompt = torch.randint(3, 300, (5 + i,), generator=gen).tolist()
             request, sinks[i] = make_request(f"r{i}", prompt, max_tokens=6, ignore_eos=True)
-            request.adapter_version = None if name is None else runtime.adapters.retain(name)
+            request.adapter_version = None if name is None else runtime.adapters.resolve(name)
             request.mode = "gathered"                                 # the kernels, not a merged phase
             schedule.setdefault(2 * (i // 2), []).append(request)    # pairs arrive every other step
         drive(runtime, schedule)

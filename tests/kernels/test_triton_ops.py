@@ -32,9 +32,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from kernels.batch import AdapterBatch, TokenGroup
+from kernels.batch import LoraRows, TokenGroup
 from kernels.segments import build_step_meta, lora_shrink_expand_ref
-from kernels.shared_bases import randlora_family_ref, vera_family_ref
+from kernels.shared_bases import randlora_family_ref, randlora_u, vera_family_ref
 from tests.kernels.helpers import adapter, slot_buffers, to_dtype
 
 BF16_EPS = torch.finfo(torch.bfloat16).eps
@@ -224,8 +224,7 @@ RANDLORA_CASES = {
 
 
 def _randlora_setup(c: dict, seed: int = 4):
-    from kernels.lora import RandLoraSlice
-    from kernels.shared_bases import RandLoraStack
+    from kernels.shared_bases import RandLoraSlice, RandLoraStack
 
     gen = torch.Generator().manual_seed(seed)
     dtype, r, in_f, out = c["dtype"], c["r"], c["in_f"], c["out"]
@@ -239,8 +238,7 @@ def _randlora_setup(c: dict, seed: int = 4):
         lam, gamma = torch.rand(r, nb, generator=gen) + 0.5, torch.randn(nb, min_l, generator=gen)
         scale = [0.5, 2.0, 0.75, 1.0][slot]
         stack.write(slot, lam, gamma, scale)
-        U = (lam[:, :, None] * A_l.float() * gamma[None]).flatten(end_dim=1).to(dtype)   # as pack_adapter builds it
-        pieces[slot] = RandLoraSlice(7, out, U, scale, in_f <= out, lam, gamma)
+        pieces[slot] = RandLoraSlice(randlora_u(lam, gamma, A_l).to(dtype), scale)   # as the RandLoRA store builds it
     return gen, dtype, A_l, V, stack, pieces
 
 
@@ -321,8 +319,8 @@ def test_toy_two_layer_forward_mixed_lora_dora_batch_matches_torch_path():
     def forward(delta) -> torch.Tensor:
         return o(torch.nn.functional.silu(qkv(x, delta)), delta)
 
-    torch_path = forward(AdapterBatch(groups, [], slot_factors, family_layers=None))
-    base = forward(AdapterBatch([], [], slot_factors, family_layers=None))
+    torch_path = forward(LoraRows(groups, slot_factors))
+    base = forward(LoraRows([], slot_factors))
     bufs = {l.key: slot_buffers(l.in_features, l.out_slices, {s: f[l.key] for s, f in enumerate(slot_factors)},
                                 max_slots=4, max_rank=16) for l in layers}
     meta = build_step_meta([(g.slot, g.start, g.end) for g in groups], T, max_tokens=16, max_segments=6)
