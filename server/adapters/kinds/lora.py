@@ -9,6 +9,8 @@ factors are laid out on the host and copied in, so no per-slot device copy is ke
 
 from __future__ import annotations
 
+import torch
+
 from adapters_store import LayerFactors, ParsedAdapter
 from kernels.batch import AdapterDelta, LoraRows, StepInputs, TokenGroup
 from kernels.lora import LinearFactors, SliceFactors
@@ -17,9 +19,9 @@ from server.adapters.kinds.base import SlotStore, StoreContext
 from server.adapters.packing import adapted_layers, to_model
 
 
-def lora_factors(parsed: ParsedAdapter, ctx: StoreContext, device) -> dict[str, LinearFactors]:
+def lora_factors(parsed: ParsedAdapter, ctx: StoreContext, device: torch.device | str) -> dict[str, LinearFactors]:
     """One LoRA-family adapter per AdaptedLinear key, in the model dtype on `device`."""
-    def convert(t):
+    def convert(t: torch.Tensor | None) -> torch.Tensor | None:
         return to_model(t, ctx.dtype, device)
 
     packed = {}
