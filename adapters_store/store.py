@@ -10,20 +10,47 @@ Layout::
     <root>/.tmp-*                            # in-flight writes; always garbage after a restart
 
 Invariants: a version directory appears only via os.replace of a fully written and fsynced temp
-directory, and CURRENT is only ever replaced atomically. A crash therefore leaves either the old
-state or the new state plus garbage that ``scan()`` removes (temp dirs, versions CURRENT does not
-name). A publish is acknowledged only after CURRENT names the new version.
+directory, and CURRENT is only ever replaced atomically with fsynced content. A crash therefore
+leaves either the old state or the new state plus garbage that ``scan()`` removes (temp dirs,
+versions CURRENT does not name). A publish is acknowledged only after CURRENT names the new version
+durably.
+
+Publishing (``publish``):
+
+1. write every file into a temp dir, plus meta.json, manifest.json, and the new CURRENT into a temp
+   file. The sha256 digests (which name the version) are computed on a helper thread while the files
+   are written; files of 1 MiB or more are written with O_DIRECT where the file system allows it,
+   skipping the page cache (no copy into it, no writeback left for fsync);
+2. fsync all of them, the temp dir, and the root when the adapter dir is new, *concurrently*: the
+   kernel serves concurrent fsyncs with shared journal commits and device cache flushes;
+3. os.replace(temp dir, <adapter_id>/<version>); os.replace(CURRENT's temp file,
+   <adapter_id>/CURRENT); one fsync of <adapter_id> makes both durable.
+
+Each fsync that waits for a journal commit and a device cache flush costs 0.4-4 ms on the dev VM;
+the earlier protocol made 9 of them one after another (7-40 ms a publish), this one makes 2 rounds.
+
+A kill -9 cannot reorder the two renames (the kernel has done each before the next starts). After a
+power loss, journalling file systems (ext4, xfs) commit them in order too; on one that does not,
+CURRENT may name a version whose rename was lost: that publish was never acknowledged, and the
+version it replaced is still complete on disk, so ``scan()`` makes that one current again (see
+``_recover_previous``). ``remove_version`` deletes an old version without an fsync: whatever a
+crash leaves of it is a version CURRENT does not name, or a .tmp-*, which ``scan()`` removes.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import mmap
 import os
 import re
 import secrets
 import shutil
 import threading
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +95,14 @@ def _check_version(version: str) -> str:
     return version
 
 
+def _sha256(data: bytes) -> str:
+    h = hashlib.sha256()
+    h.update(data)  # update() releases the GIL on large buffers; sha256(data) does not (CPython 3.11)
+    return h.hexdigest()
+
+
 def file_digests(files: dict[str, bytes]) -> dict[str, str]:
-    return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    return {name: _sha256(data) for name, data in files.items()}
 
 
 def content_version(files: dict[str, bytes], digests: dict[str, str] | None = None) -> str:
@@ -92,11 +125,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _create(path: Path, data: bytes) -> int:
+    """Create ``path`` with ``data`` (through the page cache, not fsynced); returns the open fd."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, data)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+# Files at least this large are written with O_DIRECT (where supported), through an aligned
+# buffer of DIRECT_CHUNK bytes that the store keeps.
+DIRECT_MIN_BYTES = 1 << 20
+DIRECT_CHUNK = 4 << 20
+_DIRECT_ALIGN = 4096  # covers the logical block size of the usual devices (512 or 4096)
+# Helper threads of a store: one hashes while the files are written, then all fsync at once.
+HELPER_THREADS = 8
 
 
 def _rmtree(path: Path) -> None:
@@ -109,15 +161,108 @@ def _rmtree(path: Path) -> None:
             pass
 
 
+@dataclass(frozen=True, eq=False)
+class PendingDigest:
+    """The sha256 of ``data``, being computed (``AdapterStore.hash_async``)."""
+
+    data: bytes
+    future: Future[str]
+
+    def cancel(self) -> None:
+        """Not needed after all (the upload was refused): skip the hash if it has not started."""
+        self.future.cancel()
+
+
 class AdapterStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, direct_io: bool = True) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # serialises mutations within this process
+        # O_DIRECT for large files: off once the file system refuses it.
+        self._direct = direct_io and hasattr(os, "O_DIRECT")
+        self._direct_buf: mmap.mmap | None = None  # aligned bounce buffer (only used under _lock)
+        # Hashing and concurrent fsyncs. Its threads start on demand from the thread that submits
+        # work (the upload worker), so they inherit that thread's (low) scheduling priority.
+        self._helpers = ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="adapter-store")
 
     # ------------------------------------------------------------------ helpers
     def _tmp_path(self) -> Path:
         return self.root / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+
+    def _submit(self, fn, *args) -> Future:
+        return self._helpers.submit(fn, *args)
+
+    def hash_async(self, data: bytes) -> PendingDigest:
+        """Start hashing ``data`` on a helper thread now. Pass the result to ``publish(hashed=...)``:
+        a published file that *is* this object (identity, not equality) then reuses the digest. Lets a
+        caller hash an upload while it validates it, instead of after."""
+        return PendingDigest(data, self._submit(_sha256, data))
+
+    def _digests_async(self, files: dict[str, bytes], hashed: Iterable[PendingDigest]) -> dict[str, Future[str]]:
+        """sha256 of every file on helper threads (hashlib releases the GIL on large buffers)."""
+        pending = {id(p.data): p for p in hashed}
+        out = {}
+        for name, data in files.items():
+            p = pending.get(id(data))
+            reuse = p is not None and p.data is data and not p.future.cancelled()
+            out[name] = p.future if reuse else self._submit(_sha256, data)
+        return out
+
+    def _fsync_all(self, fds: list[int]) -> None:
+        """fsync every fd, concurrently: the kernel then serves them with shared journal commits and
+        device cache flushes (measured: 7 fsyncs after writing 7.4 MB took 31 ms one after the other,
+        6 ms at once). Returns once all are done; raises the first error."""
+        pending = [self._submit(os.fsync, fd) for fd in fds[1:]]
+        try:
+            if fds:
+                os.fsync(fds[0])
+        finally:
+            wait(pending)  # never return (and let the caller close fds) while an fsync runs
+        for f in pending:
+            f.result()
+
+    def _create_large(self, path: Path, data: bytes) -> int:
+        """Like ``_create``, with O_DIRECT where the file system supports it; returns the open fd."""
+        if self._direct and len(data) >= DIRECT_MIN_BYTES:
+            try:
+                return self._create_direct(path, data)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                    raise
+                self._direct = False  # this file system does not do (aligned) direct I/O
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        return _create(path, data)
+
+    def _create_direct(self, path: Path, data: bytes) -> int:
+        """Write ``data`` to a new file with O_DIRECT: chunks go from an aligned buffer straight to the
+        device (the last one zero-padded to the alignment, then the file is truncated to size)."""
+        if self._direct_buf is None:
+            self._direct_buf = mmap.mmap(-1, DIRECT_CHUNK)  # page-aligned
+        buf = self._direct_buf
+        out = memoryview(buf)
+        src = memoryview(data).cast("B")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
+        try:
+            for start in range(0, len(src), DIRECT_CHUNK):
+                part = src[start : start + DIRECT_CHUNK]
+                n = len(part)
+                padded = -(-n // _DIRECT_ALIGN) * _DIRECT_ALIGN
+                out[:n] = part
+                if padded > n:
+                    out[n:padded] = bytes(padded - n)
+                if os.write(fd, out[:padded]) != padded:  # a short direct write: let the caller fall back
+                    raise OSError(errno.EINVAL, "short O_DIRECT write")
+            if len(src) % _DIRECT_ALIGN:
+                os.ftruncate(fd, len(src))
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            out.release()
+        return fd
 
     def _version_ok(self, vdir: Path) -> bool:
         """Complete = manifest readable and every listed file present with the right size."""
@@ -137,59 +282,79 @@ class AdapterStore:
             return None
         return v if _VERSION_RE.match(v) else None
 
-    def _write_current(self, adapter_id: str, version: str) -> None:
-        tmp = self._tmp_path()
-        _write_file(tmp, (version + "\n").encode())
-        try:
-            os.replace(tmp, self.root / adapter_id / CURRENT)
-        except BaseException:
-            _rmtree(tmp)
-            raise
-        _fsync_dir(self.root / adapter_id)
-
     # ------------------------------------------------------------------ API
-    def publish(self, adapter_id: str, files: dict[str, bytes], meta: dict[str, Any]) -> str:
-        """Store files + meta and make them current; returns the content version."""
+    def publish(self, adapter_id: str, files: dict[str, bytes], meta: dict[str, Any],
+                hashed: Iterable[PendingDigest] = ()) -> str:
+        """Store files + meta and make them current; returns the content version.
+
+        ``hashed``: digests started with ``hash_async`` for some of these files' bytes.
+        """
         validate_adapter_id(adapter_id)
         for name in files:
             if not _FILE_RE.match(name) or name in _RESERVED_FILES:
                 raise ValueError(f"invalid stored file name {name!r}")
-        digests = file_digests(files)
-        version = content_version(files, digests)
         meta_bytes = json.dumps(meta, sort_keys=True, indent=1).encode()  # fail before touching disk
         with self._lock:
+            pending = self._digests_async(files, hashed)  # hashed while the files are written
             adir = self.root / adapter_id
-            vdir = adir / version
             created_adir = created_vdir = False
             previous = self.current(adapter_id)
+            tmp = self._tmp_path()
+            current_tmp: Path | None = None
+            fds: list[int] = []
             try:
-                if not self._version_ok(vdir):
-                    _rmtree(vdir)  # incomplete leftovers (cannot happen via this code; be safe)
-                    tmp = self._tmp_path()
+                try:
                     tmp.mkdir()
-                    try:
-                        manifest = {"version": version, "files": {}}
-                        for name, data in files.items():
-                            _write_file(tmp / name, data)
-                            manifest["files"][name] = {
-                                "size": len(data), "sha256": digests[name]}
-                        _write_file(tmp / "meta.json", meta_bytes)
-                        _write_file(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
-                        _fsync_dir(tmp)
-                        if not adir.exists():
-                            adir.mkdir()
-                            created_adir = True
-                            _fsync_dir(self.root)
+                    if not adir.exists():
+                        adir.mkdir()  # now, so that its fsync below shares the files' commit
+                        created_adir = True
+                    for name, data in files.items():
+                        fds.append(self._create_large(tmp / name, data))
+                    digests = {name: f.result() for name, f in pending.items()}
+                    version = content_version(files, digests)
+                    vdir = adir / version
+                    new_version = not self._version_ok(vdir)  # else: this content is stored already
+                    if new_version:
+                        manifest = {"version": version, "files": {
+                            name: {"size": len(data), "sha256": digests[name]}
+                            for name, data in files.items()}}
+                        fds.append(_create(tmp / "meta.json", meta_bytes))
+                        fds.append(_create(tmp / "manifest.json", json.dumps(manifest, indent=1).encode()))
+                        fds.append(os.open(tmp, os.O_RDONLY))
+                    else:
+                        while fds:
+                            os.close(fds.pop())
+                    if previous != version:
+                        current_tmp = self._tmp_path()
+                        fds.append(_create(current_tmp, (version + "\n").encode()))
+                    if created_adir:
+                        fds.append(os.open(self.root, os.O_RDONLY))
+                    # Files, the temp dir's entries, CURRENT's temp file and the new adapter dir's
+                    # entry: all durable before anything is renamed.
+                    self._fsync_all(fds)
+                    while fds:
+                        os.close(fds.pop())
+                    if new_version:
+                        _rmtree(vdir)  # incomplete leftovers (cannot happen via this code; be safe)
                         os.replace(tmp, vdir)
                         created_vdir = True
-                    finally:
-                        _rmtree(tmp)  # no-op once renamed
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+                    _rmtree(tmp)  # no-op once renamed
+                if current_tmp is not None:
+                    os.replace(current_tmp, adir / CURRENT)
+                    current_tmp = None
+                if new_version or previous != version:
+                    # One fsync for both renames (see the module docstring for the crash states).
                     _fsync_dir(adir)
-                if previous != version:
-                    self._write_current(adapter_id, version)
             except BaseException:
                 # Roll back what this call created so a failed publish leaves the store unchanged.
                 # (A real crash skips this; scan() then removes the same leftovers.)
+                for f in pending.values():
+                    f.cancel()
+                if current_tmp is not None:
+                    _rmtree(current_tmp)
                 if created_vdir:
                     _rmtree(vdir)
                 if created_adir:
@@ -207,10 +372,11 @@ class AdapterStore:
             vdir = self.root / adapter_id / version
             if not vdir.exists():
                 return
-            # Rename first so a crash mid-rmtree leaves only a .tmp-* that scan() removes.
+            # Rename first so readers see the version whole or not at all. No fsync: should a crash
+            # undo the rename or interrupt the rmtree, the version is garbage scan() removes (it is
+            # not current), as is a .tmp-* left in the root.
             tmp = self._tmp_path()
             os.replace(vdir, tmp)
-            _fsync_dir(self.root / adapter_id)
             _rmtree(tmp)
 
     def delete(self, adapter_id: str) -> bool:
@@ -235,9 +401,10 @@ class AdapterStore:
         """Startup recovery: returns {adapter_id: current version} and removes garbage.
 
         Removed: ``.tmp-*`` entries, adapter dirs without a valid CURRENT (publish or delete was
-        interrupted) or whose current version is incomplete, and every entry inside an adapter dir
-        other than CURRENT and the current version. Root entries that are not adapter ids are left
-        alone (we never delete what we do not recognise at the top level).
+        interrupted) or whose current version is incomplete with no complete version to fall back
+        to (see ``_recover_previous``), and every entry inside an adapter dir other than CURRENT and
+        the current version. Root entries that are not adapter ids are left alone (we never delete
+        what we do not recognise at the top level).
         """
         found: dict[str, str] = {}
         with self._lock:
@@ -249,7 +416,9 @@ class AdapterStore:
                 if not _is_adapter_id(name) or not entry.is_dir() or entry.is_symlink():
                     continue
                 version = self.current(name)
-                if version is None or not self._version_ok(entry / version):
+                if version is not None and not self._version_ok(entry / version):
+                    version = self._recover_previous(name)
+                if version is None:
                     _rmtree(entry)
                     continue
                 for child in entry.iterdir():
@@ -258,6 +427,37 @@ class AdapterStore:
                 found[name] = version
             _fsync_dir(self.root)
         return found
+
+    def _recover_previous(self, adapter_id: str) -> str | None:
+        """CURRENT names an incomplete version: make the previous one current again, if there is one.
+
+        Publishing renames the version dir and then CURRENT with one fsync for both, so after a power
+        loss on a file system that does not keep metadata operations in order, CURRENT may name a
+        version whose rename was lost. That publish was never acknowledged, and the version it
+        replaced is still there, complete: versions are removed only after the publish that replaced
+        them is durable. It is the complete version with the newest manifest (in the usual case the
+        only complete one; more only if an earlier removal was lost too). None if there is none.
+        """
+        adir = self.root / adapter_id
+        complete = []
+        for child in adir.iterdir():
+            if _VERSION_RE.match(child.name) and child.is_dir() and self._version_ok(child):
+                try:
+                    complete.append(((child / "manifest.json").stat().st_mtime_ns, child.name))
+                except OSError:
+                    continue
+        if not complete:
+            return None
+        version = max(complete)[1]
+        tmp = self._tmp_path()
+        fd = _create(tmp, (version + "\n").encode())
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, adir / CURRENT)
+        _fsync_dir(adir)
+        return version
 
     def read(self, adapter_id: str, version: str) -> dict[str, bytes]:
         """The stored files (without meta/manifest), checked against the manifest's sha256."""
@@ -268,7 +468,7 @@ class AdapterStore:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise StoreCorrupted(f"{adapter_id}/{version}: unreadable: {exc}") from exc
         for n, data in out.items():
-            if hashlib.sha256(data).hexdigest() != manifest["files"][n]["sha256"]:
+            if _sha256(data) != manifest["files"][n]["sha256"]:
                 raise StoreCorrupted(f"{adapter_id}/{version}/{n}: sha256 mismatch")
         return out
 
