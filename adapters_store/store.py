@@ -48,7 +48,6 @@ import re
 import secrets
 import shutil
 import threading
-from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,15 +161,22 @@ def _rmtree(path: Path) -> None:
 
 
 @dataclass(frozen=True, eq=False)
-class PendingDigest:
-    """The sha256 of ``data``, being computed (``AdapterStore.hash_async``)."""
+class Prewrite:
+    """One file being written (and hashed) into a temp dir of its own ahead of ``publish``
+    (``AdapterStore.prewrite``). Hand it to ``publish``, or ``discard`` it."""
 
+    name: str
     data: bytes
-    future: Future[str]
+    tmp: Path
+    written: Future[int]  # the open fd of tmp/name, not fsynced yet
+    digest: Future[str]
 
-    def cancel(self) -> None:
-        """Not needed after all (the upload was refused): skip the hash if it has not started."""
-        self.future.cancel()
+    def discard(self) -> None:
+        """Remove the temp dir (waits for the write to finish first)."""
+        wait([self.written, self.digest])
+        if self.written.exception() is None:
+            os.close(self.written.result())
+        _rmtree(self.tmp)
 
 
 class AdapterStore:
@@ -180,7 +186,8 @@ class AdapterStore:
         self._lock = threading.Lock()  # serialises mutations within this process
         # O_DIRECT for large files: off once the file system refuses it.
         self._direct = direct_io and hasattr(os, "O_DIRECT")
-        self._direct_buf: mmap.mmap | None = None  # aligned bounce buffer (only used under _lock)
+        self._direct_buf: mmap.mmap | None = None  # aligned bounce buffer, used under _direct_lock
+        self._direct_lock = threading.Lock()
         # Hashing and concurrent fsyncs. Its threads start on demand from the thread that submits
         # work (the upload worker), so they inherit that thread's (low) scheduling priority.
         self._helpers = ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="adapter-store")
@@ -192,21 +199,18 @@ class AdapterStore:
     def _submit(self, fn, *args) -> Future:
         return self._helpers.submit(fn, *args)
 
-    def hash_async(self, data: bytes) -> PendingDigest:
-        """Start hashing ``data`` on a helper thread now. Pass the result to ``publish(hashed=...)``:
-        a published file that *is* this object (identity, not equality) then reuses the digest. Lets a
-        caller hash an upload while it validates it, instead of after."""
-        return PendingDigest(data, self._submit(_sha256, data))
-
-    def _digests_async(self, files: dict[str, bytes], hashed: Iterable[PendingDigest]) -> dict[str, Future[str]]:
-        """sha256 of every file on helper threads (hashlib releases the GIL on large buffers)."""
-        pending = {id(p.data): p for p in hashed}
-        out = {}
-        for name, data in files.items():
-            p = pending.get(id(data))
-            reuse = p is not None and p.data is data and not p.future.cancelled()
-            out[name] = p.future if reuse else self._submit(_sha256, data)
-        return out
+    def prewrite(self, name: str, data: bytes) -> Prewrite:
+        """Start writing ``data`` as file ``name`` of the next version, and hashing it, on helper
+        threads: a caller that must validate an upload before publishing it can overlap the disk
+        write (and the hash) with the validation. The file lands in a temp dir of its own (what a
+        crash leaves of it is a .tmp-* that scan() removes); nothing is visible in the store until
+        ``publish(..., prewritten=...)`` uses it for a file that *is* ``data`` (the same object)."""
+        if not _FILE_RE.match(name) or name in _RESERVED_FILES:
+            raise ValueError(f"invalid stored file name {name!r}")
+        tmp = self._tmp_path()
+        tmp.mkdir()
+        return Prewrite(name, data, tmp, self._submit(self._create_large, tmp / name, data),
+                        self._submit(_sha256, data))
 
     def _fsync_all(self, fds: list[int]) -> None:
         """fsync every fd, concurrently: the kernel then serves them with shared journal commits and
@@ -239,9 +243,12 @@ class AdapterStore:
     def _create_direct(self, path: Path, data: bytes) -> int:
         """Write ``data`` to a new file with O_DIRECT: chunks go from an aligned buffer straight to the
         device (the last one zero-padded to the alignment, then the file is truncated to size)."""
-        if self._direct_buf is None:
-            self._direct_buf = mmap.mmap(-1, DIRECT_CHUNK)  # page-aligned
-        buf = self._direct_buf
+        with self._direct_lock:
+            if self._direct_buf is None:
+                self._direct_buf = mmap.mmap(-1, DIRECT_CHUNK)  # page-aligned
+            return self._write_direct(path, data, self._direct_buf)
+
+    def _write_direct(self, path: Path, data: bytes, buf: mmap.mmap) -> int:
         out = memoryview(buf)
         src = memoryview(data).cast("B")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
@@ -284,32 +291,50 @@ class AdapterStore:
 
     # ------------------------------------------------------------------ API
     def publish(self, adapter_id: str, files: dict[str, bytes], meta: dict[str, Any],
-                hashed: Iterable[PendingDigest] = ()) -> str:
+                prewritten: Prewrite | None = None) -> str:
         """Store files + meta and make them current; returns the content version.
 
-        ``hashed``: digests started with ``hash_async`` for some of these files' bytes.
+        ``prewritten`` (from ``prewrite``) is used for the file it wrote if that file's bytes are
+        the very object it wrote, else discarded; either way publish takes it over.
         """
-        validate_adapter_id(adapter_id)
-        for name in files:
-            if not _FILE_RE.match(name) or name in _RESERVED_FILES:
-                raise ValueError(f"invalid stored file name {name!r}")
-        meta_bytes = json.dumps(meta, sort_keys=True, indent=1).encode()  # fail before touching disk
+        pre = prewritten
+        if pre is not None and files.get(pre.name) is not pre.data:
+            pre.discard()  # the file to store is another one (e.g. canonical VeRA/RandLoRA weights)
+            pre = None
+        try:
+            validate_adapter_id(adapter_id)
+            for name in files:
+                if not _FILE_RE.match(name) or name in _RESERVED_FILES:
+                    raise ValueError(f"invalid stored file name {name!r}")
+            meta_bytes = json.dumps(meta, sort_keys=True, indent=1).encode()  # fail before touching disk
+        except BaseException:
+            if pre is not None:
+                pre.discard()
+            raise
         with self._lock:
-            pending = self._digests_async(files, hashed)  # hashed while the files are written
+            # sha256 of every file on helper threads while the files are written
+            pending = {name: pre.digest if pre is not None and name == pre.name else self._submit(_sha256, data)
+                       for name, data in files.items()}
             adir = self.root / adapter_id
             created_adir = created_vdir = False
-            previous = self.current(adapter_id)
-            tmp = self._tmp_path()
+            tmp = pre.tmp if pre is not None else self._tmp_path()
             current_tmp: Path | None = None
             fds: list[int] = []
+            taken = False  # the prewritten file's fd and temp dir are ours to close and remove
             try:
+                previous = self.current(adapter_id)
                 try:
-                    tmp.mkdir()
+                    if pre is not None:
+                        taken = True
+                        fds.append(pre.written.result())
+                    else:
+                        tmp.mkdir()
                     if not adir.exists():
                         adir.mkdir()  # now, so that its fsync below shares the files' commit
                         created_adir = True
                     for name, data in files.items():
-                        fds.append(self._create_large(tmp / name, data))
+                        if pre is None or name != pre.name:
+                            fds.append(self._create_large(tmp / name, data))
                     digests = {name: f.result() for name, f in pending.items()}
                     version = content_version(files, digests)
                     vdir = adir / version
@@ -353,6 +378,8 @@ class AdapterStore:
                 # (A real crash skips this; scan() then removes the same leftovers.)
                 for f in pending.values():
                     f.cancel()
+                if pre is not None and not taken:
+                    pre.discard()
                 if current_tmp is not None:
                     _rmtree(current_tmp)
                 if created_vdir:

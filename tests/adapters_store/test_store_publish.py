@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters_store import AdapterStore, content_version
+from adapters_store import AdapterStore, InvalidAdapterId, content_version
 from adapters_store import store as store_mod
 from tests.adapters_store.test_store_disk import FILES_V1, FILES_V2, snapshot
 
@@ -209,28 +209,60 @@ def test_kill_9_while_publishing_leaves_old_or_new(tmp_path):
         first = last + 2  # the next child publishes contents never seen before
 
 
-def test_hash_async_digests_are_reused_for_the_same_bytes_object(tmp_path):
-    from concurrent.futures import Future
-
+def test_prewrite_is_used_for_the_same_bytes_object(tmp_path):
     st = AdapterStore(tmp_path)
     files = big_files(2 << 20)
-    weights = files["adapter_model.safetensors"]
-    v = st.publish("a", files, {}, hashed=[st.hash_async(weights)])
-    assert v == content_version(files) and st.read("a", v) == files
+    pre = st.prewrite("adapter_model.safetensors", files["adapter_model.safetensors"])
+    assert [p.name for p in tmp_path.iterdir()] == [pre.tmp.name]  # written before publish is called
+    v = st.publish("a", files, {"n": 1}, prewritten=pre)
+    assert v == content_version(files) and st.read("a", v) == files and st.meta("a", v) == {"n": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    # The same content again (already current): nothing new, nothing left behind.
+    again = st.prewrite("adapter_model.safetensors", files["adapter_model.safetensors"])
+    assert st.publish("a", files, {"n": 2}, prewritten=again) == v and st.meta("a", v) == {"n": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
-    def fake(data: bytes, digest: str) -> store_mod.PendingDigest:
-        f: Future[str] = Future()
-        f.set_result(digest)
-        return store_mod.PendingDigest(data, f)
 
-    other = big_files(2 << 20, seed=5)
-    equal_copy = bytes(bytearray(other["adapter_model.safetensors"]))  # equal content, another object
-    v2 = st.publish("b", other, {}, hashed=[fake(equal_copy, "0" * 64)])
-    assert v2 == content_version(other)  # not reused: only the very object counts
-    cancelled = st.hash_async(other["adapter_model.safetensors"])
-    cancelled.cancel()
-    assert st.publish("c", other, {}, hashed=[cancelled]) == v2
-    # The very object: its digest is taken as given (here a wrong one, to show it is used).
-    v3 = st.publish("d", other, {}, hashed=[fake(other["adapter_model.safetensors"], "0" * 64)])
-    assert v3 != v2 and v3 == content_version(other, {**store_mod.file_digests(other),
-                                                      "adapter_model.safetensors": "0" * 64})
+def test_prewrite_of_other_bytes_is_discarded(tmp_path):
+    st = AdapterStore(tmp_path)
+    files = big_files(2 << 20)
+    equal_copy = bytes(bytearray(files["adapter_model.safetensors"]))  # equal content, another object
+    v = st.publish("a", files, {}, prewritten=st.prewrite("adapter_model.safetensors", equal_copy))
+    assert st.read("a", v) == files
+    other = st.prewrite("adapter_config.json", b"{}")  # a file this publish does not have
+    assert st.publish("b", FILES_V1, {}, prewritten=other) == content_version(FILES_V1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+@pytest.mark.parametrize("fail", ["discard", "bad id", "write", "fsync"])
+def test_refused_or_failed_prewrite_leaves_store_identical(tmp_path, monkeypatch, fail):
+    st = AdapterStore(tmp_path)
+    st.publish("a", FILES_V1, {})
+    before = snapshot(tmp_path)
+    files = big_files(2 << 20)
+    real_write = os.write
+    if fail == "write":
+        monkeypatch.setattr(store_mod.os, "write", lambda fd, b: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
+                            if len(b) > 1000 else real_write(fd, b))
+    if fail == "fsync":
+        monkeypatch.setattr(store_mod.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "io")))
+    pre = st.prewrite("adapter_model.safetensors", files["adapter_model.safetensors"])
+    if fail == "discard":  # the upload was refused while it was being written
+        pre.discard()
+    elif fail == "bad id":
+        with pytest.raises(InvalidAdapterId):
+            st.publish("a/../b", files, {}, prewritten=pre)
+    else:
+        with pytest.raises(OSError):
+            st.publish("a", files, {}, prewritten=pre)
+    monkeypatch.undo()
+    assert snapshot(tmp_path) == before
+
+
+def test_crash_after_prewrite_leaves_garbage_scan_removes(tmp_path):
+    st = AdapterStore(tmp_path)
+    v = st.publish("a", FILES_V1, {})
+    pre = st.prewrite("adapter_model.safetensors", big_files(2 << 20)["adapter_model.safetensors"])
+    pre.written.result()  # the process dies here: nothing of it is published
+    assert AdapterStore(tmp_path).scan() == {"a": v}
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]
