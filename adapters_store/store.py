@@ -20,7 +20,9 @@ Publishing (``publish``):
 1. write every file into a temp dir, plus meta.json, manifest.json, and the new CURRENT into a temp
    file. The sha256 digests (which name the version) are computed on a helper thread while the files
    are written; files of 1 MiB or more are written with O_DIRECT where the file system allows it,
-   skipping the page cache (no copy into it, no writeback left for fsync);
+   skipping the page cache (no copy into it, no writeback left for fsync). ``prewrite`` lets a
+   caller start one file (the upload's weights) and its hash while it still validates the upload;
+   that temp dir then becomes the version's;
 2. fsync all of them, the temp dir, and the root when the adapter dir is new, *concurrently*: the
    kernel serves concurrent fsyncs with shared journal commits and device cache flushes;
 3. os.replace(temp dir, <adapter_id>/<version>); os.replace(CURRENT's temp file,
