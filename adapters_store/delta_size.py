@@ -38,7 +38,7 @@ def lora_delta_norm(f: LayerFactors) -> float:
     """Exact ``||scale / divisor · B A||_F`` from the r x r Gram matrices, in float64."""
     with torch.no_grad():
         A, B = f.A.double(), f.B.double()
-        fro2 = float(((A @ A.T) * (B.T @ B)).sum())  # trace(XY) = sum(X ⊙ Y) for symmetric Y
+        fro2 = float(torch.vdot((A @ A.T).reshape(-1), (B.T @ B).reshape(-1)))  # trace(XY) = <X, Y> for symmetric Y
     return math.sqrt(max(fro2, 0.0)) * abs(f.scale / f.divisor)
 
 
@@ -50,9 +50,12 @@ def check_lora_update(path: str, f: LayerFactors, base: BaseModelSpec, scale_des
     ``magnitude``: DoRA's ``lora_magnitude_vector``.
     """
     with torch.no_grad():
-        if not torch.isfinite(f.A).all():  # AdaLoRA serves A * E: finite factors, overflowing product
+        # Cheap first: a finite sum means every element is finite (AdaLoRA serves A * E: finite
+        # factors, overflowing product); only a non-finite sum needs the element-wise look.
+        if not torch.isfinite(f.A.sum()) and not torch.isfinite(f.A).all():
             raise InvalidAdapter(f"module {path!r}: lora_A * lora_E overflows float32")
-        if not torch.isfinite(f.B * f.scale).all():
+        # Rounding is monotonic, so some scale * b overflows exactly when scale * max|b| does.
+        if not torch.isfinite(f.B.abs().amax() * f.scale):
             raise InvalidAdapter(f"module {path!r}: {scale_desc} times lora_B overflows float32")
         if f.bias is not None and not torch.isfinite(f.bias).all():
             raise InvalidAdapter(f"module {path!r}: lora_B.bias times {scale_desc} overflows float32")
