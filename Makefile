@@ -23,6 +23,8 @@ serve: setup
 	$(PY) -m server
 
 test: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 bench: setup

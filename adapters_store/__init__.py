@@ -1,5 +1,6 @@
 """Adapter upload parsing (PEFT LoRA / rsLoRA / DoRA / AdaLoRA / VeRA / RandLoRA), on-disk store and registry."""
 
+from .canonical import canonical_files
 from .errors import (
     AdapterError,
     AdapterNotFound,
@@ -11,7 +12,6 @@ from .errors import (
     StoreCorrupted,
     UnsupportedAdapter,
 )
-from .canonical import canonical_files
 from .kinds import KIND_PARSERS
 from .peft_config import parse_adapter
 from .projections import (

@@ -37,17 +37,13 @@ _MAX_PATTERN_LEN = 256
 
 def load_config(config_bytes: bytes) -> dict[str, Any]:
     if len(config_bytes) > MAX_CONFIG_BYTES:
-        raise AdapterTooLarge(
-            f"adapter_config.json is {len(config_bytes)} bytes, limit is {MAX_CONFIG_BYTES}"
-        )
+        raise AdapterTooLarge(f"adapter_config.json is {len(config_bytes)} bytes, limit is {MAX_CONFIG_BYTES}")
     try:
         cfg = json.loads(config_bytes)
     except (ValueError, RecursionError) as exc:  # RecursionError: deeply nested JSON
         raise MalformedUpload(f"adapter_config.json is not valid JSON: {exc}") from exc
     if not isinstance(cfg, dict):
-        raise MalformedUpload(
-            f"adapter_config.json must be a JSON object, got {type(cfg).__name__}"
-        )
+        raise MalformedUpload(f"adapter_config.json must be a JSON object, got {type(cfg).__name__}")
     return cfg
 
 

@@ -42,8 +42,9 @@ def lora_delta_norm(f: LayerFactors) -> float:
     return math.sqrt(max(fro2, 0.0)) * abs(f.scale / f.divisor)
 
 
-def check_lora_update(path: str, f: LayerFactors, base: BaseModelSpec, scale_desc: str,
-                      magnitude: torch.Tensor | None = None) -> None:
+def check_lora_update(
+    path: str, f: LayerFactors, base: BaseModelSpec, scale_desc: str, magnitude: torch.Tensor | None = None
+) -> None:
     """Refuse a LoRA-family layer whose update is not finite in float32 or absurdly large.
 
     ``scale_desc`` names where the scale comes from (config field and value), for the message.

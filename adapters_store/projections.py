@@ -46,8 +46,7 @@ class ProjectionFamily:
 
     def key(self) -> str:
         """Stable identifier, safe as a dict key and a file name."""
-        k = (f"{self.kind}-k{self.seed}-r{self.r}-o{self.max_out}-i{self.max_in}"
-             f"-{self.sparsity}-{self.basis_dtype}")
+        k = f"{self.kind}-k{self.seed}-r{self.r}-o{self.max_out}-i{self.max_in}-{self.sparsity}-{self.basis_dtype}"
         return k if self.stored_digest is None else f"{k}-stored{self.stored_digest}"
 
     def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:

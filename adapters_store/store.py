@@ -73,12 +73,12 @@ def validate_adapter_id(adapter_id: str) -> str:
     # anyway so no id can ever look like a path component trick (e.g. "a..b" is harmless, but we
     # keep the rule simple and obvious).
     if not isinstance(adapter_id, str) or not _ID_RE.match(adapter_id) or ".." in adapter_id:
-        raise InvalidAdapterId(
-            f"invalid adapter id {adapter_id!r}: must match {_ID_RE.pattern} and not contain '..'"
-        )
+        raise InvalidAdapterId(f"invalid adapter id {adapter_id!r}: must match {_ID_RE.pattern} and not contain '..'")
     if adapter_id.casefold() in RESERVED_IDS:
-        raise InvalidAdapterId(f"adapter id {adapter_id!r} is reserved: the store uses that name itself "
-                               f"(reserved, any case: {', '.join(sorted(RESERVED_IDS))})")
+        raise InvalidAdapterId(
+            f"adapter id {adapter_id!r} is reserved: the store uses that name itself "
+            f"(reserved, any case: {', '.join(sorted(RESERVED_IDS))})"
+        )
     return adapter_id
 
 
@@ -129,7 +129,7 @@ def _fsync_dir(path: Path) -> None:
 def _write_all(fd: int, data) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _create(path: Path, data: bytes) -> int:
@@ -211,8 +211,9 @@ class AdapterStore:
             raise ValueError(f"invalid stored file name {name!r}")
         tmp = self._tmp_path()
         tmp.mkdir()
-        return Prewrite(name, data, tmp, self._submit(self._create_large, tmp / name, data),
-                        self._submit(_sha256, data))
+        return Prewrite(
+            name, data, tmp, self._submit(self._create_large, tmp / name, data), self._submit(_sha256, data)
+        )
 
     def _fsync_all(self, fds: list[int]) -> None:
         """fsync every fd, concurrently: the kernel then serves them with shared journal commits and
@@ -292,8 +293,9 @@ class AdapterStore:
         return v if _VERSION_RE.match(v) else None
 
     # ------------------------------------------------------------------ API
-    def publish(self, adapter_id: str, files: dict[str, bytes], meta: dict[str, Any],
-                prewritten: Prewrite | None = None) -> str:
+    def publish(
+        self, adapter_id: str, files: dict[str, bytes], meta: dict[str, Any], prewritten: Prewrite | None = None
+    ) -> str:
         """Store files + meta and make them current; returns the content version.
 
         ``prewritten`` (from ``prewrite``) is used for the file it wrote if that file's bytes are
@@ -315,8 +317,10 @@ class AdapterStore:
             raise
         with self._lock:
             # sha256 of every file on helper threads while the files are written
-            pending = {name: pre.digest if pre is not None and name == pre.name else self._submit(_sha256, data)
-                       for name, data in files.items()}
+            pending = {
+                name: pre.digest if pre is not None and name == pre.name else self._submit(_sha256, data)
+                for name, data in files.items()
+            }
             adir = self.root / adapter_id
             created_adir = created_vdir = False
             tmp = pre.tmp if pre is not None else self._tmp_path()
@@ -342,9 +346,12 @@ class AdapterStore:
                     vdir = adir / version
                     new_version = not self._version_ok(vdir)  # else: this content is stored already
                     if new_version:
-                        manifest = {"version": version, "files": {
-                            name: {"size": len(data), "sha256": digests[name]}
-                            for name, data in files.items()}}
+                        manifest = {
+                            "version": version,
+                            "files": {
+                                name: {"size": len(data), "sha256": digests[name]} for name, data in files.items()
+                            },
+                        }
                         fds.append(_create(tmp / "meta.json", meta_bytes))
                         fds.append(_create(tmp / "manifest.json", json.dumps(manifest, indent=1).encode()))
                         fds.append(os.open(tmp, os.O_RDONLY))

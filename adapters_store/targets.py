@@ -86,20 +86,25 @@ def _ways(items: Any, subject_len: int) -> int:
         elif name in ("MAX_REPEAT", "MIN_REPEAT"):
             lo, hi, body = av
             if _has_choice(body):
-                raise _Unsafe("it puts a quantifier on a group that itself has a quantifier or '|', which can "
-                              "backtrack exponentially")
+                raise _Unsafe(
+                    "it puts a quantifier on a group that itself has a quantifier or '|', which can "
+                    "backtrack exponentially"
+                )
             total *= max(1, min(hi, subject_len) - lo + 1)
         else:
-            raise _Unsafe(f"it uses {name} (backreferences, lookarounds, conditionals, atomic groups and "
-                          "possessive quantifiers are not accepted)")
+            raise _Unsafe(
+                f"it uses {name} (backreferences, lookarounds, conditionals, atomic groups and "
+                "possessive quantifiers are not accepted)"
+            )
     return total
 
 
 def compile_safe_regex(what: str, pattern: str, base: BaseModelSpec) -> re.Pattern[str]:
     """Compile an untrusted regex that will be matched against the base model's module paths."""
     if len(pattern) > _MAX_REGEX_LEN:
-        raise UnsupportedAdapter(f"{what} {pattern[:40]!r}... is {len(pattern)} characters long, "
-                                 f"the limit is {_MAX_REGEX_LEN}")
+        raise UnsupportedAdapter(
+            f"{what} {pattern[:40]!r}... is {len(pattern)} characters long, the limit is {_MAX_REGEX_LEN}"
+        )
     try:
         compiled = re.compile(pattern)
         tree = _sre.parse(pattern)
@@ -111,8 +116,10 @@ def compile_safe_regex(what: str, pattern: str, base: BaseModelSpec) -> re.Patte
     except _Unsafe as exc:
         raise UnsupportedAdapter(f"{what} {pattern!r} is not supported: {exc}") from exc
     if ways > _MAX_REGEX_WAYS:
-        raise UnsupportedAdapter(f"{what} {pattern!r} is not supported: it may try ~{float(ways):.1e} ways to match "
-                                 f"one module path (limit {_MAX_REGEX_WAYS:.0e}); use fewer '*', '+', '{{m,n}}'")
+        raise UnsupportedAdapter(
+            f"{what} {pattern!r} is not supported: it may try ~{float(ways):.1e} ways to match "
+            f"one module path (limit {_MAX_REGEX_WAYS:.0e}); use fewer '*', '+', '{{m,n}}'"
+        )
     return compiled
 
 
@@ -237,8 +244,10 @@ class Targets:
             else:
                 index, chosen = self.layer_index(path), sorted(self.layers or ())
                 why = f"its layer index {index} is not in layers_to_transform {chosen}"
-            raise InvalidAdapter(f"module {path!r} has tensors in adapter_model.safetensors but {why}, so PEFT would "
-                                 "not create that layer")
+            raise InvalidAdapter(
+                f"module {path!r} has tensors in adapter_model.safetensors but {why}, so PEFT would "
+                "not create that layer"
+            )
         if self.modules is None:
             return
         in_base = self._entries_selecting(base.layers)
@@ -247,8 +256,10 @@ class Targets:
         # not a contradiction: PEFT itself saves all-linear + exclude_modules that way.
         for entry in sorted(in_base - in_file):
             have = ", ".join(sorted({p.rsplit(".", 1)[-1] for p in paths}))
-            raise InvalidAdapter(f"config target_modules entry {entry!r} selects no layer that "
-                                 f"adapter_model.safetensors has tensors for (it has: {have})")
+            raise InvalidAdapter(
+                f"config target_modules entry {entry!r} selects no layer that "
+                f"adapter_model.safetensors has tensors for (it has: {have})"
+            )
 
 
 def _show(v: Any) -> str:
@@ -260,8 +271,9 @@ def parse_targets(cfg: dict[str, Any], base: BaseModelSpec) -> Targets:
     tm = cfg.get("target_modules")
     well_typed = tm is None or isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))
     if not well_typed:
-        raise InvalidAdapter(f"config field 'target_modules' must be a list of module names, a regex string or "
-                             f"null, got {tm!r}")
+        raise InvalidAdapter(
+            f"config field 'target_modules' must be a list of module names, a regex string or null, got {tm!r}"
+        )
     layers = _layer_indexes(cfg)
     lp = _str_list(cfg, "layers_pattern")
     # PEFT: null, "" and [] mean "its default index regex"; the entries of a non-empty list are all used.
@@ -269,14 +281,17 @@ def parse_targets(cfg: dict[str, Any], base: BaseModelSpec) -> Targets:
     if isinstance(tm, str):
         for key, used in (("layers_to_transform", layers is not None), ("layers_pattern", bool(lp_list))):
             if used:
-                raise InvalidAdapter(f"config field {key!r}={cfg[key]!r} cannot be combined with target_modules "
-                                     f"{tm!r} (a string): PEFT rejects or ignores it there")
+                raise InvalidAdapter(
+                    f"config field {key!r}={cfg[key]!r} cannot be combined with target_modules "
+                    f"{tm!r} (a string): PEFT rejects or ignores it there"
+                )
     if lp_list and cfg.get("layers_to_transform") is None:
         raise InvalidAdapter(f"config field 'layers_pattern'={lp!r} needs layers_to_transform (PEFT rejects it alone)")
 
     ex = _str_list(cfg, "exclude_modules")
-    exclude = (compile_safe_regex("config exclude_modules", ex, base) if isinstance(ex, str)
-               else frozenset(ex) if ex else None)
+    exclude = (
+        compile_safe_regex("config exclude_modules", ex, base) if isinstance(ex, str) else frozenset(ex) if ex else None
+    )
     patterns = tuple(compile_safe_regex("config layers_pattern", _PATTERN_INDEX.format(p), base) for p in lp_list)
     all_linear = isinstance(tm, str) and tm.lower() == ALL_LINEAR
     regex = compile_safe_regex("config target_modules", tm, base) if isinstance(tm, str) and not all_linear else None
@@ -287,17 +302,28 @@ def parse_targets(cfg: dict[str, Any], base: BaseModelSpec) -> Targets:
         for entry in tm:
             if entry not in names:
                 adaptable = ", ".join(sorted({p.rsplit(".", 1)[-1] for p in base.layers}))
-                raise UnsupportedAdapter(f"config target_modules entry {entry!r} is not a layer this server can "
-                                         f"adapt (adaptable: {adaptable}, or their full module paths)")
-    targets = Targets(modules=frozenset(tm) if isinstance(tm, list) else None, regex=regex,
-                      all_linear=all_linear, missing=tm is None, exclude=exclude, layers=layers,
-                      layer_patterns=patterns, raw=tm)
+                raise UnsupportedAdapter(
+                    f"config target_modules entry {entry!r} is not a layer this server can "
+                    f"adapt (adaptable: {adaptable}, or their full module paths)"
+                )
+    targets = Targets(
+        modules=frozenset(tm) if isinstance(tm, list) else None,
+        regex=regex,
+        all_linear=all_linear,
+        missing=tm is None,
+        exclude=exclude,
+        layers=layers,
+        layer_patterns=patterns,
+        raw=tm,
+    )
     if layers is not None:
         existing = {i for i in map(targets.layer_index, base.layers) if i is not None}
         if not existing:
             raise InvalidAdapter(f"config field 'layers_pattern'={lp!r} matches no layer of the base model")
         unknown = sorted(layers - existing)
         if unknown:
-            raise InvalidAdapter(f"config field 'layers_to_transform' names layers {unknown} that the base model does "
-                                 f"not have (it has layers {min(existing)}..{max(existing)})")
+            raise InvalidAdapter(
+                f"config field 'layers_to_transform' names layers {unknown} that the base model does "
+                f"not have (it has layers {min(existing)}..{max(existing)})"
+            )
     return targets

@@ -42,15 +42,28 @@ _FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
 # The dtypes safetensors.torch can load, by their name in the header, with their size in bytes.
 # A dtype missing here (or from this torch) is refused as malformed, as safetensors.torch.load does.
 _DTYPES: dict[str, torch.dtype] = {
-    name: dtype for name, dtype in {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-        "BOOL": torch.bool, "C64": torch.complex64,
-        "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None),
-        "F8_E5M2": getattr(torch, "float8_e5m2", None), "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
-        "U64": getattr(torch, "uint64", None), "U32": getattr(torch, "uint32", None),
+    name: dtype
+    for name, dtype in {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "C64": torch.complex64,
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+        "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None),
+        "F8_E5M2": getattr(torch, "float8_e5m2", None),
+        "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
+        "U64": getattr(torch, "uint64", None),
+        "U32": getattr(torch, "uint32", None),
         "U16": getattr(torch, "uint16", None),
-    }.items() if dtype is not None
+    }.items()
+    if dtype is not None
 }
 _MAX_HEADER = 100_000_000  # safetensors' own limit
 # (raw header bytes, its __metadata__) of the last header validated, so read_metadata, called right
@@ -60,8 +73,15 @@ _U64 = 2**64
 # Below torch's GRAIN_SIZE (32768) an elementwise op or reduction runs on the calling thread.
 _SERIAL = 32767
 # Suffixes of the LoRA family's tensors: a file made only of these keeps every byte it holds.
-_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_magnitude_vector",
-                  ".lora_A", ".lora_B", ".lora_E")  # the last three: AdaLoRA
+_LORA_SUFFIXES = (
+    ".lora_A.weight",
+    ".lora_B.weight",
+    ".lora_B.bias",
+    ".lora_magnitude_vector",
+    ".lora_A",
+    ".lora_B",
+    ".lora_E",
+)  # the last three: AdaLoRA
 
 # torch warns (once per process) that a tensor over a read-only buffer is writable; we know, and
 # rely on nothing writing into upload views (see the module docstring). Spend that one warning here.
@@ -76,9 +96,7 @@ def data_nbytes(weights_bytes: bytes) -> int:
         raise MalformedUpload("adapter_model.safetensors is not a safetensors file (shorter than 8 bytes)")
     (header_len,) = struct.unpack("<Q", weights_bytes[:8])
     if 8 + header_len > len(weights_bytes):
-        raise MalformedUpload(
-            "adapter_model.safetensors is not a safetensors file (header length exceeds file size)"
-        )
+        raise MalformedUpload("adapter_model.safetensors is not a safetensors file (header length exceeds file size)")
     return len(weights_bytes) - 8 - header_len
 
 
@@ -196,9 +214,7 @@ def load_tensors(weights_bytes: bytes, max_bytes: int) -> dict[str, torch.Tensor
     """
     nbytes = data_nbytes(weights_bytes)
     if nbytes > max_bytes:
-        raise AdapterTooLarge(
-            f"adapter_model.safetensors holds {nbytes} bytes of tensors, limit is {max_bytes}"
-        )
+        raise AdapterTooLarge(f"adapter_model.safetensors holds {nbytes} bytes of tensors, limit is {max_bytes}")
     start, table = _tensor_table(weights_bytes)
     for key, dtype, _, _, _ in table:
         if dtype not in _FLOAT_DTYPES:
@@ -236,9 +252,7 @@ def _first_non_finite(out: dict[str, torch.Tensor], table, weights_bytes: bytes,
     return None
 
 
-def group_by_module(
-    tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...]
-) -> dict[str, dict[str, torch.Tensor]]:
+def group_by_module(tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
     """Split ``base_model.model.<path>.<suffix>`` keys into ``{path: {suffix: tensor}}``.
 
     Any key that does not have the prefix and one of the allowed suffixes is rejected: an unknown
@@ -250,7 +264,7 @@ def group_by_module(
     for key in sorted(tensors):
         if not key.startswith(KEY_PREFIX):
             raise InvalidAdapter(f"unexpected tensor key {key!r} (expected prefix {KEY_PREFIX!r})")
-        rest = key[len(KEY_PREFIX):]
+        rest = key[len(KEY_PREFIX) :]
         for suffix in ordered:
             if rest.endswith("." + suffix):
                 path = rest[: -len(suffix) - 1]

@@ -9,8 +9,8 @@ plus a ``ProjectionFamily`` naming the shared random projections (docs/adapters.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Union
 
 import torch
 
@@ -134,7 +134,7 @@ class RandLoraFactors:
         return _nbytes(self.lam, self.gamma)
 
 
-AnyFactors = Union[LayerFactors, VeraFactors, RandLoraFactors]
+AnyFactors = LayerFactors | VeraFactors | RandLoraFactors
 Projections = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -152,7 +152,7 @@ class ParsedAdapter:
 
     @property
     def projection(self) -> str | None:
-        """"seed" (regenerated from projection_prng_key), "stored" (own projections), None (LoRA family)."""
+        """ "seed" (regenerated from projection_prng_key), "stored" (own projections), None (LoRA family)."""
         if self.family is None:
             return None
         return "seed" if self.projections is None else "stored"

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def cpu_busy_fraction(seconds: float = 1.0) -> float:
     """Fraction of all cores busy over `seconds` (from /proc/stat), to check the machine is idle."""
+
     def sample() -> tuple[int, int]:
         with open("/proc/stat") as f:
             values = [int(v) for v in f.readline().split()[1:]]
         idle = values[3] + values[4]
         return sum(values), idle
+
     total0, idle0 = sample()
     time.sleep(seconds)
     total1, idle1 = sample()

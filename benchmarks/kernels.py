@@ -31,15 +31,23 @@ from kernels.segments import alloc_slot_buffers, build_step_meta, write_slot  # 
 CUDA = torch.cuda.is_available()
 
 
-def make_adapters(n: int, ranks: list[int], hidden: int, out_slices: list[tuple[int, int]], dtype: torch.dtype,
-                  device: str) -> list[LinearFactors]:
+def make_adapters(
+    n: int, ranks: list[int], hidden: int, out_slices: list[tuple[int, int]], dtype: torch.dtype, device: str
+) -> list[LinearFactors]:
     gen = torch.Generator().manual_seed(0)
     adapters = []
     for i in range(n):
         r = ranks[i % len(ranks)]
-        slices = [SliceFactors(start, size, (torch.randn(r, hidden, generator=gen) / hidden ** 0.5).to(device, dtype),
-                               (torch.randn(r, size, generator=gen) / r ** 0.5).to(device, dtype), 2.0)
-                  for start, size in out_slices]
+        slices = [
+            SliceFactors(
+                start,
+                size,
+                (torch.randn(r, hidden, generator=gen) / hidden**0.5).to(device, dtype),
+                (torch.randn(r, size, generator=gen) / r**0.5).to(device, dtype),
+                2.0,
+            )
+            for start, size in out_slices
+        ]
         adapters.append(LinearFactors(slices))
     return adapters
 
@@ -52,20 +60,21 @@ def naive(x: torch.Tensor, y: torch.Tensor, token_slots: torch.Tensor, adapters:
         xs = x.index_select(0, rows)
         for s in factors.slices:
             delta = (xs @ s.A.T) @ s.Bt * s.scale
-            y[:, s.out_start:s.out_start + s.out_features].index_add_(0, rows, delta)
+            y[:, s.out_start : s.out_start + s.out_features].index_add_(0, rows, delta)
 
 
-def torch_ref(x: torch.Tensor, y: torch.Tensor, groups: list[tuple[int, int, int]],
-              adapters: list[LinearFactors]) -> None:
+def torch_ref(
+    x: torch.Tensor, y: torch.Tensor, groups: list[tuple[int, int, int]], adapters: list[LinearFactors]
+) -> None:
     for slot, start, end in groups:
         lora_rows_ref(x[start:end], y[start:end], None, adapters[slot])
 
 
 def layout(tokens: int, n_adapters: int, phase: str) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """Per-token slots in batch order (naive) and the grouped form (torch-ref, Triton): the same work."""
-    if phase == "decode":               # requests of the adapters interleaved, as they arrive
+    if phase == "decode":  # requests of the adapters interleaved, as they arrive
         slots = torch.arange(tokens) % n_adapters
-    else:                               # 4 prompts (or fewer) per adapter group, contiguous segments
+    else:  # 4 prompts (or fewer) per adapter group, contiguous segments
         n_seg = max(4, n_adapters)
         slots = (torch.arange(tokens) * n_seg // tokens) % n_adapters
     order = torch.argsort(slots, stable=True)
@@ -78,8 +87,18 @@ def layout(tokens: int, n_adapters: int, phase: str) -> tuple[torch.Tensor, list
     return slots, groups
 
 
-def run_case(phase: str, tokens: int, n_adapters: int, ranks: list[int], hidden: int, out_slices, dtype, device,
-             repeats: int, with_triton: bool) -> list[object]:
+def run_case(
+    phase: str,
+    tokens: int,
+    n_adapters: int,
+    ranks: list[int],
+    hidden: int,
+    out_slices,
+    dtype,
+    device,
+    repeats: int,
+    with_triton: bool,
+) -> list[object]:
     adapters = make_adapters(n_adapters, ranks, hidden, out_slices, dtype, device)
     total = max(s + o for s, o in out_slices)
     x = torch.randn(tokens, hidden, device=device, dtype=dtype)
@@ -97,6 +116,7 @@ def run_case(phase: str, tokens: int, n_adapters: int, ranks: list[int], hidden:
     if not with_triton:
         return row + ["n/a", t_naive / t_ref, "n/a"]
     from kernels import lora_triton
+
     bufs = alloc_slot_buffers(hidden, out_slices, n_adapters, max(ranks), dtype, device)
     for slot, factors in enumerate(adapters):
         write_slot(bufs, slot, factors)
@@ -116,9 +136,12 @@ def run_case(phase: str, tokens: int, n_adapters: int, ranks: list[int], hidden:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--interpret", action="store_true",
-                        help="also run the Triton rows on the CPU under TRITON_INTERPRET=1 at the small sizes: checks "
-                             "the GPU code path end to end (its timings mean nothing)")
+    parser.add_argument(
+        "--interpret",
+        action="store_true",
+        help="also run the Triton rows on the CPU under TRITON_INTERPRET=1 at the small sizes: checks "
+        "the GPU code path end to end (its timings mean nothing)",
+    )
     args = parser.parse_args()
     if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("--interpret needs TRITON_INTERPRET=1 in the environment (set before triton is imported)")
@@ -133,8 +156,10 @@ def main() -> None:
         out_slices = [(0, 256), (256, 64), (320, 64)]
         decode, prefill, counts = [1, 16, 64], [512], [1, 8]
         rank_sets = [[8], [64]]
-        print("no CUDA device: the Triton rows need a GPU; showing naive vs torch-ref at small sizes "
-              f"(hidden {hidden}, fp32)")
+        print(
+            "no CUDA device: the Triton rows need a GPU; showing naive vs torch-ref at small sizes "
+            f"(hidden {hidden}, fp32)"
+        )
     rows = []
     for phase, sizes in (("decode", decode), ("prefill", prefill)):
         for tokens in sizes:
@@ -142,10 +167,24 @@ def main() -> None:
                 if n > tokens:
                     continue
                 for ranks in rank_sets:
-                    rows.append(run_case(phase, tokens, n, ranks, hidden, out_slices, dtype, device, args.repeats,
-                                         with_triton=CUDA or args.interpret))
-    print_table(["phase", "tokens", "adapters", "rank", "naive ms", "torch-ref ms", "triton ms",
-                 "naive/ref", "ref/triton"], rows)
+                    rows.append(
+                        run_case(
+                            phase,
+                            tokens,
+                            n,
+                            ranks,
+                            hidden,
+                            out_slices,
+                            dtype,
+                            device,
+                            args.repeats,
+                            with_triton=CUDA or args.interpret,
+                        )
+                    )
+    print_table(
+        ["phase", "tokens", "adapters", "rank", "naive ms", "torch-ref ms", "triton ms", "naive/ref", "ref/triton"],
+        rows,
+    )
 
 
 if __name__ == "__main__":

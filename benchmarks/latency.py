@@ -40,8 +40,12 @@ ALL = QKVO + ["gate_proj", "up_proj", "down_proj"]
 def per_token_latency(runtime: Runtime, tokens: int, repeats: int) -> list[list]:
     """Median over `repeats` round-robin runs per mode (this machine drifts ~10% run to run)."""
     rows = []
-    cases = (("base", None, "gathered"), ("gathered", "lat", "gathered"), ("merged", "lat", "merged"),
-             ("auto", "lat", "auto"))
+    cases = (
+        ("base", None, "gathered"),
+        ("gathered", "lat", "gathered"),
+        ("merged", "lat", "merged"),
+        ("auto", "lat", "auto"),
+    )
     for n in (1, 4):
         batch = prompts(runtime, n)
         runs: dict[str, list] = {label: [] for label, _, _ in cases}
@@ -63,10 +67,12 @@ def per_token_latency(runtime: Runtime, tokens: int, repeats: int) -> list[list]
 def merge_costs(runtime: Runtime) -> list[list]:
     manager = runtime.engine.runner.adapters
     rows = []
-    for kind, files in (("LoRA r16 all 7", lora_files(runtime, 16, ALL, seed=1)),
-                        ("DoRA r16 all 7", lora_files(runtime, 16, ALL, seed=2, dora=True)),
-                        ("VeRA r256 qkvo", vera_files(runtime, 256, QKVO, 0, 3)),
-                        ("RandLoRA r32 qkvo", randlora_files(runtime, 32, QKVO, 0, 4))):
+    for kind, files in (
+        ("LoRA r16 all 7", lora_files(runtime, 16, ALL, seed=1)),
+        ("DoRA r16 all 7", lora_files(runtime, 16, ALL, seed=2, dora=True)),
+        ("VeRA r256 qkvo", vera_files(runtime, 256, QKVO, 0, 3)),
+        ("RandLoRA r32 qkvo", randlora_files(runtime, 32, QKVO, 0, 4)),
+    ):
         version = runtime.adapters.upload(f"merge-{kind.split()[0].lower()}", *files).version
         runtime.adapters.cache.hold(version)
         merges, restores = [], []
@@ -80,7 +86,7 @@ def merge_costs(runtime: Runtime) -> list[list]:
 
 def make_trace(n: int, rate: float, adapters: int, seed: int = 0) -> list[tuple[float, int]]:
     rng = random.Random(seed)
-    weights = [1 / (k + 1) for k in range(adapters)]          # Zipf(1.0) popularity
+    weights = [1 / (k + 1) for k in range(adapters)]  # Zipf(1.0) popularity
     t, trace = 0.0, []
     for _ in range(n):
         t += rng.expovariate(rate)
@@ -104,16 +110,28 @@ def replay(runtime: Runtime, trace: list[tuple[float, int]], mode: str, tokens: 
             rid = f"t{i}"
             arrival[rid] = time.perf_counter()
             version = runtime.adapters.resolve(f"zipf-{adapter}")
-            engine.submit(Request(rid, batch[i], SamplingParams(max_tokens=tokens, ignore_eos=True),
-                                  emit=clock.sink(rid), adapter_version=version, arrival_time=arrival[rid], mode=mode))
+            engine.submit(
+                Request(
+                    rid,
+                    batch[i],
+                    SamplingParams(max_tokens=tokens, ignore_eos=True),
+                    emit=clock.sink(rid),
+                    adapter_version=version,
+                    arrival_time=arrival[rid],
+                    mode=mode,
+                )
+            )
         clock.all_done.wait(timeout=900)
     finally:
         engine.stop()
     latencies = sorted(done[r] - arrival[r] for r in done)
     makespan = max(done.values()) - start
-    return {"mean": statistics.mean(latencies), "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-            "ttft": statistics.mean(first[r] - arrival[r] for r in first),
-            "tok_s": len(done) * tokens / makespan}
+    return {
+        "mean": statistics.mean(latencies),
+        "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "ttft": statistics.mean(first[r] - arrival[r] for r in first),
+        "tok_s": len(done) * tokens / makespan,
+    }
 
 
 def main() -> None:
@@ -125,26 +143,45 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=DEMO_MODEL_DIR)
     args = parser.parse_args()
     report_idle()
-    runtime = build_runtime(ServerConfig(model=args.model, dtype="float32",
-                                         adapters_dir=Path(tempfile.mkdtemp(prefix="latency-bench-")),
-                                         engine=EngineConfig(max_model_len=256, max_num_seqs=16, kv_cache_gb=2),
-                                         adapters=AdapterConfig(max_slots=16, max_merge_wait_ms=500)))
+    runtime = build_runtime(
+        ServerConfig(
+            model=args.model,
+            dtype="float32",
+            adapters_dir=Path(tempfile.mkdtemp(prefix="latency-bench-")),
+            engine=EngineConfig(max_model_len=256, max_num_seqs=16, kv_cache_gb=2),
+            adapters=AdapterConfig(max_slots=16, max_merge_wait_ms=500),
+        )
+    )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, SmolLM2")
     runtime.adapters.upload("lat", *lora_files(runtime, 16, QKVO, seed=7))
     run_engine(runtime, prompts(runtime, 2), 4)  # warm-up
-    print_table(["concurrent", "mode", "TPOT ms", "TPOT vs base", "TTFT ms", "tok/s"],
-                per_token_latency(runtime, args.tokens, args.repeats))
+    print_table(
+        ["concurrent", "mode", "TPOT ms", "TPOT vs base", "TTFT ms", "tok/s"],
+        per_token_latency(runtime, args.tokens, args.repeats),
+    )
     print_table(["kind", "merge ms", "restore ms"], merge_costs(runtime))
     for i in range(16):
         runtime.adapters.upload(f"zipf-{i}", *lora_files(runtime, 16, QKVO, seed=500 + i))
     trace = make_trace(args.requests, args.rate, 16)
     results = {mode: replay(runtime, trace, mode, 32) for mode in ("gathered", "merged", "auto")}
-    print(f"trace: {args.requests} requests, Poisson {args.rate}/s, Zipf(1) over 16 LoRA r16 adapters, "
-          f"32 new tokens, merge wait bound 500 ms")
-    print_table(["policy", "mean latency s", "p99 latency s", "mean TTFT s", "tok/s", "mean vs best fixed"],
-                [[mode, r["mean"], r["p99"], r["ttft"], r["tok_s"],
-                  r["mean"] / min(results["gathered"]["mean"], results["merged"]["mean"])]
-                 for mode, r in results.items()])
+    print(
+        f"trace: {args.requests} requests, Poisson {args.rate}/s, Zipf(1) over 16 LoRA r16 adapters, "
+        f"32 new tokens, merge wait bound 500 ms"
+    )
+    print_table(
+        ["policy", "mean latency s", "p99 latency s", "mean TTFT s", "tok/s", "mean vs best fixed"],
+        [
+            [
+                mode,
+                r["mean"],
+                r["p99"],
+                r["ttft"],
+                r["tok_s"],
+                r["mean"] / min(results["gathered"]["mean"], results["merged"]["mean"]),
+            ]
+            for mode, r in results.items()
+        ],
+    )
 
 
 if __name__ == "__main__":

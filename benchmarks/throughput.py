@@ -33,8 +33,14 @@ def run_transformers(hf_model, batch: list[list[int]]) -> float:
     ids = torch.tensor(batch)  # equal lengths: no padding needed
     start = time.perf_counter()
     with torch.inference_mode():
-        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=2)
+        out = hf_model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=2,
+        )
     assert out.shape[1] == ids.shape[1] + NEW_TOKENS
     return len(batch) * NEW_TOKENS / (time.perf_counter() - start)
 
@@ -50,6 +56,7 @@ def roofline_step_seconds(runtime: Runtime, batch_size: int) -> float:
         for w in weights:
             F.linear(inputs[w.shape[1]], w)
         F.linear(x_head, head)
+
     return median_seconds(step, repeats=15)
 
 
@@ -65,8 +72,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model.name}")
     rows = []
     for dtype in args.dtypes.split(","):
-        runtime = build_runtime(ServerConfig(model=args.model, dtype=dtype, adapters_dir=Path(tempfile.mkdtemp()),
-                                             engine=EngineConfig(max_model_len=256, max_num_seqs=16, kv_cache_gb=2)))
+        runtime = build_runtime(
+            ServerConfig(
+                model=args.model,
+                dtype=dtype,
+                adapters_dir=Path(tempfile.mkdtemp()),
+                engine=EngineConfig(max_model_len=256, max_num_seqs=16, kv_cache_gb=2),
+            )
+        )
         hf_model = LlamaForCausalLM.from_pretrained(args.model, dtype=getattr(torch, dtype)).eval()
         run_engine(runtime, prompts(runtime, 2), NEW_TOKENS)  # warm-up
         for n in (int(c) for c in args.concurrency.split(",")):
@@ -74,11 +87,38 @@ def main() -> None:
             ours = run_engine(runtime, batch, NEW_TOKENS)
             hf = run_transformers(hf_model, batch)
             roof = roofline_step_seconds(runtime, n)
-            rows.append([dtype, n, ours.tok_s, hf, n / roof, ours.tok_s / hf, ours.decode_step * 1e3, roof * 1e3,
-                         ours.decode_step / roof, ours.ttft * 1e3, ours.tpot * 1e3])
+            rows.append(
+                [
+                    dtype,
+                    n,
+                    ours.tok_s,
+                    hf,
+                    n / roof,
+                    ours.tok_s / hf,
+                    ours.decode_step * 1e3,
+                    roof * 1e3,
+                    ours.decode_step / roof,
+                    ours.ttft * 1e3,
+                    ours.tpot * 1e3,
+                ]
+            )
         del runtime, hf_model
-    print_table(["dtype", "conc", "engine tok/s", "transformers tok/s", "roofline tok/s", "engine/transformers",
-                 "decode step ms", "roofline step ms", "step/roofline", "TTFT ms", "TPOT ms"], rows)
+    print_table(
+        [
+            "dtype",
+            "conc",
+            "engine tok/s",
+            "transformers tok/s",
+            "roofline tok/s",
+            "engine/transformers",
+            "decode step ms",
+            "roofline step ms",
+            "step/roofline",
+            "TTFT ms",
+            "TPOT ms",
+        ],
+        rows,
+    )
 
 
 if __name__ == "__main__":

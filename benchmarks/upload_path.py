@@ -101,9 +101,11 @@ def describe_machine(store_dir: Path) -> list[str]:
                 best, fs = mnt, f"{kind} on {dev} at {mnt} ({opts})"
     except OSError:
         pass
-    versions = (f"sha_ni: {'yes' if 'sha_ni' in flags else 'no'}; kernel {platform.release()}, Python "
-                f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-                f"{ssl.OPENSSL_VERSION}")
+    versions = (
+        f"sha_ni: {'yes' if 'sha_ni' in flags else 'no'}; kernel {platform.release()}, Python "
+        f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"{ssl.OPENSSL_VERSION}"
+    )
     return [versions, f"store: {store_dir} on {fs}"]
 
 
@@ -136,6 +138,7 @@ class Clock:
                 return fn(*args, **kwargs)
             finally:
                 self.add(name, time.perf_counter() - start)
+
         return timed
 
 
@@ -195,10 +198,12 @@ class Variant:
     @contextmanager
     def active(self, service):
         """Route ``service`` (and the parser) through this variant's modules."""
-        saved = [(service, "store", service.store),
-                 (peft_config_mod, "load_tensors", peft_config_mod.load_tensors),
-                 (peft_config_mod, "read_metadata", peft_config_mod.read_metadata),
-                 (service_mod, "canonical_files", service_mod.canonical_files)]
+        saved = [
+            (service, "store", service.store),
+            (peft_config_mod, "load_tensors", peft_config_mod.load_tensors),
+            (peft_config_mod, "read_metadata", peft_config_mod.read_metadata),
+            (service_mod, "canonical_files", service_mod.canonical_files),
+        ]
         service.store = self.store
         peft_config_mod.load_tensors = self.tensors_mod.load_tensors
         peft_config_mod.read_metadata = self.tensors_mod.read_metadata
@@ -228,9 +233,12 @@ def load_revision(rev: str) -> Variant:
 def instrumented(clock: Clock, variant: Variant):
     """Time the parse and publish internals: swap in timing wrappers, put the originals back after."""
     smod = variant.store_mod
-    saved = [(smod, "os", smod.os), (smod, "hashlib", smod.hashlib),
-             (peft_config_mod, "load_tensors", peft_config_mod.load_tensors),
-             (lora_mod, "check_lora_update", lora_mod.check_lora_update)]
+    saved = [
+        (smod, "os", smod.os),
+        (smod, "hashlib", smod.hashlib),
+        (peft_config_mod, "load_tensors", peft_config_mod.load_tensors),
+        (lora_mod, "check_lora_update", lora_mod.check_lora_update),
+    ]
     smod.os = _timed_os(clock)
     smod.hashlib = _timed_hashlib(clock)
     peft_config_mod.load_tensors = clock.wrap("parse: load tensors", peft_config_mod.load_tensors)
@@ -271,16 +279,34 @@ def staged_upload(service, variant: Variant, adapter_id: str, config: bytes, wei
     t["total (staged)"] = time.perf_counter() - start
     t["parse: kind parser, rest"] = t["parse (total)"] - t["parse: load tensors"] - t["parse: ||dW|| check"]
     t["publish: other (write, dirs, json, waits)"] = (
-        t["publish (total)"] - t.get("publish: hash", 0.0) - t.get("publish: fsync", 0.0)
-        - t.get("publish: replace", 0.0))
+        t["publish (total)"]
+        - t.get("publish: hash", 0.0)
+        - t.get("publish: fsync", 0.0)
+        - t.get("publish: replace", 0.0)
+    )
     return t
 
 
-ORDER = ["parse (total)", "parse: load tensors", "parse: ||dW|| check", "parse: kind parser, rest",
-         "canonical files", "metadata", "publish (total)", "publish: other (write, dirs, json, waits)",
-         "publish: hash", "publish: fsync", "publish: replace", "publish: hash (helper thread)",
-         "publish: fsync (helper thread)", "cache put", "register", "total (staged)",
-         "upload->ready (new id)", "upload->ready (re-upload)"]
+ORDER = [
+    "parse (total)",
+    "parse: load tensors",
+    "parse: ||dW|| check",
+    "parse: kind parser, rest",
+    "canonical files",
+    "metadata",
+    "publish (total)",
+    "publish: other (write, dirs, json, waits)",
+    "publish: hash",
+    "publish: fsync",
+    "publish: replace",
+    "publish: hash (helper thread)",
+    "publish: fsync (helper thread)",
+    "cache put",
+    "register",
+    "total (staged)",
+    "upload->ready (new id)",
+    "upload->ready (re-upload)",
+]
 
 
 def quartiles(xs: list[float]) -> tuple[float, float, float]:
@@ -298,17 +324,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = the server default)")
     parser.add_argument("--host-cache-gb", type=float, default=1.0)
     parser.add_argument("--delete", action="store_true", help="delete the staged and new-id adapters each round")
-    parser.add_argument("--compare", metavar="REV", default=None,
-                        help="also run adapters_store/{store,tensors,canonical}.py of git revision REV, "
-                             "interleaved with the working tree's (same process, alternating order)")
+    parser.add_argument(
+        "--compare",
+        metavar="REV",
+        default=None,
+        help="also run adapters_store/{store,tensors,canonical}.py of git revision REV, "
+        "interleaved with the working tree's (same process, alternating order)",
+    )
     args = parser.parse_args()
 
     report_idle()
     root = args.store or Path(tempfile.mkdtemp(prefix="upload-path-"))
-    runtime = build_runtime(ServerConfig(model=args.model, dtype=args.dtype, adapters_dir=root / "store",
-                                         threads=args.threads,
-                                         engine=EngineConfig(max_model_len=256, max_num_seqs=4, kv_cache_gb=0.25),
-                                         adapters=AdapterConfig(max_slots=4, host_cache_gb=args.host_cache_gb)))
+    runtime = build_runtime(
+        ServerConfig(
+            model=args.model,
+            dtype=args.dtype,
+            adapters_dir=root / "store",
+            threads=args.threads,
+            engine=EngineConfig(max_model_len=256, max_num_seqs=4, kv_cache_gb=0.25),
+            adapters=AdapterConfig(max_slots=4, host_cache_gb=args.host_cache_gb),
+        )
+    )
     for line in describe_machine(root):
         print(line)
     service = runtime.adapters
@@ -319,9 +355,11 @@ def main() -> None:
         v.store = v.store_mod.AdapterStore(root / f"store-{len(variants)}-{v.name.replace(' ', '-')}")
     rounds = args.warmup + args.repeats
     config, weights = lora_files(runtime, 16, QKVO, seed=1)
-    print(f"adapter: LoRA r16 q,k,v,o, {len(weights) / 1e6:.2f} MB safetensors, {args.dtype} model; "
-          f"{args.repeats} round-robin rounds after {args.warmup} warm-up rounds; "
-          f"variants: {', '.join(v.name for v in variants)}")
+    print(
+        f"adapter: LoRA r16 q,k,v,o, {len(weights) / 1e6:.2f} MB safetensors, {args.dtype} model; "
+        f"{args.repeats} round-robin rounds after {args.warmup} warm-up rounds; "
+        f"variants: {', '.join(v.name for v in variants)}"
+    )
     for v in variants:
         with v.active(service):
             service.upload(f"swap-{id(v)}", config, weights)
@@ -332,7 +370,7 @@ def main() -> None:
         # Fresh content for every upload: 3 adapters per round and variant (staged, new id, re-upload).
         uploads = [lora_files(runtime, 16, QKVO, seed=seed + i) for i in range(3 * len(variants))]
         seed += len(uploads)
-        for v in (variants if r % 2 == 0 else variants[::-1]):  # alternate who goes first
+        for v in variants if r % 2 == 0 else variants[::-1]:  # alternate who goes first
             (c0, w0), (c1, w1), (c2, w2) = uploads[:3]
             del uploads[:3]
             with v.active(service):

@@ -15,8 +15,24 @@ from safetensors.torch import save
 from server.engine.request import Request, SamplingParams
 from server.runtime import Runtime
 
-TOPICS = ["bread", "rivers", "clocks", "paper", "bridges", "music", "salt", "maps", "glass", "tea", "iron",
-          "wool", "ships", "roads", "bees", "stone"]
+TOPICS = [
+    "bread",
+    "rivers",
+    "clocks",
+    "paper",
+    "bridges",
+    "music",
+    "salt",
+    "maps",
+    "glass",
+    "tea",
+    "iron",
+    "wool",
+    "ships",
+    "roads",
+    "bees",
+    "stone",
+]
 
 
 def prompts(runtime: Runtime, n: int, length: int = 32) -> list[list[int]]:
@@ -25,8 +41,9 @@ def prompts(runtime: Runtime, n: int, length: int = 32) -> list[list[int]]:
     return [(runtime.tokenizer.encode(text.format(TOPICS[i % len(TOPICS)])) * 4)[:length] for i in range(n)]
 
 
-def lora_files(runtime: Runtime, rank: int, targets: list[str], seed: int, scale: float = 0.02,
-               dora: bool = False) -> tuple[bytes, bytes]:
+def lora_files(
+    runtime: Runtime, rank: int, targets: list[str], seed: int, scale: float = 0.02, dora: bool = False
+) -> tuple[bytes, bytes]:
     """A PEFT-format LoRA (or DoRA) adapter (config + safetensors bytes) with random trained-looking factors."""
     g = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -37,11 +54,18 @@ def lora_files(runtime: Runtime, rank: int, targets: list[str], seed: int, scale
                 tensors[f"{key}.lora_A.weight"] = torch.randn(rank, linear.in_features, generator=g) * scale
                 tensors[f"{key}.lora_B.weight"] = torch.randn(s.out_features, rank, generator=g) * scale
                 if dora:  # magnitudes near the row norms of W0, as after a little training
-                    w0 = linear.weight[s.out_start:s.out_start + s.out_features].float()
+                    w0 = linear.weight[s.out_start : s.out_start + s.out_features].float()
                     noise = 1 + 0.05 * torch.randn(s.out_features, generator=g)
                     tensors[f"{key}.lora_magnitude_vector"] = w0.norm(dim=1) * noise
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": targets,
-              "bias": "none", "task_type": "CAUSAL_LM", "use_dora": dora}
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": targets,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+        "use_dora": dora,
+    }
     return json.dumps(config).encode(), save(tensors, metadata={"format": "pt"})
 
 
@@ -59,8 +83,15 @@ def vera_files(runtime: Runtime, rank: int, targets: list[str], key: int, seed: 
     for prefix, out_f, _ in _targeted(runtime, targets):
         tensors[f"{prefix}.vera_lambda_d"] = torch.randn(rank, generator=g) * 0.1
         tensors[f"{prefix}.vera_lambda_b"] = torch.randn(out_f, generator=g) * 0.1
-    config = {"peft_type": "VERA", "r": rank, "target_modules": targets, "projection_prng_key": key,
-              "save_projection": False, "bias": "none", "task_type": "CAUSAL_LM"}
+    config = {
+        "peft_type": "VERA",
+        "r": rank,
+        "target_modules": targets,
+        "projection_prng_key": key,
+        "save_projection": False,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+    }
     return json.dumps(config).encode(), save(tensors, metadata={"format": "pt"})
 
 
@@ -73,9 +104,18 @@ def randlora_files(runtime: Runtime, rank: int, targets: list[str], key: int, se
         num_bases = -(-min_l // rank)
         tensors[f"{prefix}.randlora_lambda"] = torch.randn(rank, num_bases, generator=g) * 0.01
         tensors[f"{prefix}.randlora_gamma"] = torch.randn(num_bases, min_l, generator=g) * 0.01
-    config = {"peft_type": "RANDLORA", "r": rank, "randlora_alpha": 2 * rank, "target_modules": targets,
-              "projection_prng_key": key, "save_projection": False, "sparse": False, "very_sparse": False,
-              "bias": "none", "task_type": "CAUSAL_LM"}
+    config = {
+        "peft_type": "RANDLORA",
+        "r": rank,
+        "randlora_alpha": 2 * rank,
+        "target_modules": targets,
+        "projection_prng_key": key,
+        "save_projection": False,
+        "sparse": False,
+        "very_sparse": False,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+    }
     return json.dumps(config).encode(), save(tensors, metadata={"format": "pt"})
 
 
@@ -103,19 +143,25 @@ class TokenClock:
                 self.done[rid] = now
                 if len(self.done) == self.expected:
                     self.all_done.set()
+
         return emit
 
 
 @dataclass(slots=True)
 class RunResult:
     tok_s: float
-    ttft: float            # mean seconds from submit to first token
-    tpot: float            # mean seconds between a request's output tokens
-    decode_step: float     # median seconds of a step where every request decodes
+    ttft: float  # mean seconds from submit to first token
+    tpot: float  # mean seconds between a request's output tokens
+    decode_step: float  # median seconds of a step where every request decodes
 
 
-def run_engine(runtime: Runtime, batch: list[list[int]], new_tokens: int,
-               adapter_ids: list[str | None] | None = None, mode: str = "gathered") -> RunResult:
+def run_engine(
+    runtime: Runtime,
+    batch: list[list[int]],
+    new_tokens: int,
+    adapter_ids: list[str | None] | None = None,
+    mode: str = "gathered",
+) -> RunResult:
     """Submit the whole batch at once, step the engine by hand until done."""
     engine = runtime.engine
     clock = TokenClock(len(batch))
@@ -124,8 +170,17 @@ def run_engine(runtime: Runtime, batch: list[list[int]], new_tokens: int,
     for i, ids in enumerate(batch):
         adapter_id = adapter_ids[i] if adapter_ids else None
         version = None if adapter_id is None else runtime.adapters.resolve(adapter_id)
-        engine.admit(Request(f"b{i}", ids, SamplingParams(max_tokens=new_tokens, ignore_eos=True),
-                             emit=clock.sink(f"b{i}"), adapter_version=version, arrival_time=start, mode=mode))
+        engine.admit(
+            Request(
+                f"b{i}",
+                ids,
+                SamplingParams(max_tokens=new_tokens, ignore_eos=True),
+                emit=clock.sink(f"b{i}"),
+                adapter_version=version,
+                arrival_time=start,
+                mode=mode,
+            )
+        )
     decode_steps = []
     while engine.scheduler.has_work():
         pure_decode = not engine.scheduler.waiting and all(not s.in_prefill for s in engine.scheduler.running)

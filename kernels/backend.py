@@ -13,7 +13,7 @@ BACKENDS = ("triton", "torch")
 
 
 def select_backend(device: torch.device) -> str:
-    """"triton" when the model runs on a CUDA device and triton is importable, else "torch" (the CPU path)."""
+    """ "triton" when the model runs on a CUDA device and triton is importable, else "torch" (the CPU path)."""
     if device.type != "cuda" or importlib.util.find_spec("triton") is None:
         return "torch"
     try:
@@ -29,6 +29,7 @@ def describe_backend(backend: str, device: torch.device) -> dict[str, str]:
         raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
     if backend == "triton":
         import triton
+
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
         return {"backend": "triton", "triton": triton.__version__, "device": name}
     why = "the model runs on the CPU" if device.type != "cuda" else "triton not importable"

@@ -48,20 +48,23 @@ class ProjectionFamilyRows:
     token_slots = tensor([3, 3, 5, 5]), members = [(slice(0, 2), 3), (slice(2, 4), 5)], span = (0, 6).
     """
 
-    rows: slice | torch.Tensor               # the projection family's rows in the packed batch
-    token_slots: torch.Tensor                # [n] adapter slot of each of those rows
-    members: list[tuple[slice, int]]         # (rows within the projection family's tokens, slot)
-    span: tuple[int, int] = (0, 0)           # [first row, last row + 1] of the projection family (host ints)
+    rows: slice | torch.Tensor  # the projection family's rows in the packed batch
+    token_slots: torch.Tensor  # [n] adapter slot of each of those rows
+    members: list[tuple[slice, int]]  # (rows within the projection family's tokens, slot)
+    span: tuple[int, int] = (0, 0)  # [first row, last row + 1] of the projection family (host ints)
 
     @classmethod
-    def of(cls, groups: list[TokenGroup], device: torch.device | str) -> "ProjectionFamilyRows":
+    def of(cls, groups: list[TokenGroup], device: torch.device | str) -> ProjectionFamilyRows:
         members, offset = [], 0
         for g in groups:
             members.append((slice(offset, offset + g.end - g.start), g.slot))
             offset += g.end - g.start
         contiguous = all(a.end == b.start for a, b in zip(groups, groups[1:]))
-        rows = (slice(groups[0].start, groups[-1].end) if contiguous
-                else torch.tensor([i for g in groups for i in range(g.start, g.end)], device=device))
+        rows = (
+            slice(groups[0].start, groups[-1].end)
+            if contiguous
+            else torch.tensor([i for g in groups for i in range(g.start, g.end)], device=device)
+        )
         token_slots = torch.tensor([g.slot for g in groups for _ in range(g.start, g.end)], device=device)
         span = (min(g.start for g in groups), max(g.end for g in groups))
         return cls(rows, token_slots, members, span)
@@ -74,9 +77,9 @@ class StepInputs:
     that took a token→slot row of `buffers.projection_slots` so far in this step."""
 
     num_tokens: int
-    decode_only: bool                        # one token per sequence: the Triton token form
+    decode_only: bool  # one token per sequence: the Triton token form
     device: torch.device | str = "cpu"
-    buffers: "StepBuffers | None" = None
+    buffers: StepBuffers | None = None
     projection_families: int = 0
 
 
@@ -116,13 +119,13 @@ class LoraRows:
 
     def __init__(self, groups: list[TokenGroup], slot_factors: list[dict[str, LinearFactors] | None]) -> None:
         self.groups = groups
-        self.slot_factors = slot_factors     # slot -> {layer key -> factors} (the store's list, by reference)
+        self.slot_factors = slot_factors  # slot -> {layer key -> factors} (the store's list, by reference)
 
     def apply(self, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for group in self.groups:
             factors = self.slot_factors[group.slot].get(layer.key)
             if factors is not None:
-                lora_rows_ref(x[group.start:group.end], y[group.start:group.end], layer.bias, factors)
+                lora_rows_ref(x[group.start : group.end], y[group.start : group.end], layer.bias, factors)
         return y
 
 
@@ -133,7 +136,7 @@ class VeraRows:
 
     def __init__(self, rows: ProjectionFamilyRows, layers: dict[str, VeraLayer]) -> None:
         self.rows = rows
-        self.layers = layers                 # layer key -> VeraLayer (the store's dict, by reference)
+        self.layers = layers  # layer key -> VeraLayer (the store's dict, by reference)
 
     def apply(self, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         vera = self.layers.get(layer.key)
@@ -147,14 +150,16 @@ class RandLoraRows:
 
     __slots__ = ("rows", "layers")
 
-    def __init__(self, rows: ProjectionFamilyRows,
-                 layers: dict[str, dict[tuple[int, int], RandLoraProjection]]) -> None:
+    def __init__(
+        self, rows: ProjectionFamilyRows, layers: dict[str, dict[tuple[int, int], RandLoraProjection]]
+    ) -> None:
         self.rows = rows
-        self.layers = layers                 # layer key -> {(out_start, out_features) -> projection}
+        self.layers = layers  # layer key -> {(out_start, out_features) -> projection}
 
     def apply(self, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for proj in self.layers.get(layer.key, {}).values():
             members = [(rows, proj.pieces[slot]) for rows, slot in self.rows.members]
-            randlora_family_ref(x, y[:, proj.out_start:proj.out_start + proj.out_features], self.rows.rows,
-                                members, proj.V)
+            randlora_family_ref(
+                x, y[:, proj.out_start : proj.out_start + proj.out_features], self.rows.rows, members, proj.V
+            )
         return y

@@ -47,7 +47,7 @@ def _token_slots(rows: ProjectionFamilyRows, step: StepInputs) -> torch.Tensor:
     index = step.projection_families
     step.projection_families += 1
     slots = step.buffers.fill_projection_family(index, rows.rows, rows.token_slots, step.num_tokens)
-    return slots[rows.span[0]:rows.span[1]]
+    return slots[rows.span[0] : rows.span[1]]
 
 
 class VeraTokens:
@@ -70,8 +70,9 @@ class VeraTokens:
 class RandLoraTokens:
     __slots__ = ("span", "token_slots", "layers", "buffers")
 
-    def __init__(self, rows: ProjectionFamilyRows, layers: dict[str, dict[tuple[int, int], RandLoraProjection]],
-                 step: StepInputs) -> None:
+    def __init__(
+        self, rows: ProjectionFamilyRows, layers: dict[str, dict[tuple[int, int], RandLoraProjection]], step: StepInputs
+    ) -> None:
         self.span = slice(*rows.span)
         self.token_slots = _token_slots(rows, step)
         self.layers = layers
@@ -80,6 +81,7 @@ class RandLoraTokens:
     def apply(self, layer: LinearLike, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for proj in self.layers.get(layer.key, {}).values():
             h = self.buffers.projection_scratch(proj.V.shape[1])
-            randlora_apply(x[self.span], y[self.span], proj.A_l, proj.V, proj.stack, self.token_slots,
-                           proj.out_start, h)
+            randlora_apply(
+                x[self.span], y[self.span], proj.A_l, proj.V, proj.stack, self.token_slots, proj.out_start, h
+            )
         return y

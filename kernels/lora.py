@@ -26,17 +26,17 @@ import torch
 class SliceFactors:
     """One projection's share of a packed layer, for one LoRA-family adapter."""
 
-    out_start: int                        # first output column of the projection in the packed layer
+    out_start: int  # first output column of the projection in the packed layer
     out_features: int
-    A: torch.Tensor                       # [rank, in]
-    Bt: torch.Tensor                      # [rank, out_features] = Bᵀ, unscaled
+    A: torch.Tensor  # [rank, in]
+    Bt: torch.Tensor  # [rank, out_features] = Bᵀ, unscaled
     scale: float
-    divisor: float = 1.0                  # AdaLoRA's (init_r + 1e-5), applied after the scale as PEFT does
-    bias: torch.Tensor | None = None      # [out_features] lora_bias · scale
+    divisor: float = 1.0  # AdaLoRA's (init_r + 1e-5), applied after the scale as PEFT does
+    bias: torch.Tensor | None = None  # [out_features] lora_bias · scale
     output_scale: torch.Tensor | None = None  # [out_features] DoRA g = m / ‖W0 + s·BA‖_row
 
     # Derived once here, read by every layer of every step:
-    At: torch.Tensor = field(init=False, default=None)   # type: ignore[assignment]  # Aᵀ as a view (no copy)
+    At: torch.Tensor = field(init=False, default=None)  # type: ignore[assignment]  # Aᵀ as a view (no copy)
     fused_scale_is_exact: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
@@ -64,8 +64,7 @@ class LinearFactors:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def lora_rows_ref(x: torch.Tensor, y: torch.Tensor, base_bias: torch.Tensor | None,
-                  factors: LinearFactors) -> None:
+def lora_rows_ref(x: torch.Tensor, y: torch.Tensor, base_bias: torch.Tensor | None, factors: LinearFactors) -> None:
     """In place, for the rows of one adapter and each adapted projection s (columns of y):
     y[:, s] += ((x A_sᵀ) B_sᵀ) · scale / divisor                         (LoRA / rsLoRA / AdaLoRA)
     y[:, s] += (g_s − 1) ⊙ (y[:, s] − b0_s) + g_s ⊙ (x A_sᵀ) B_sᵀ · scale   (DoRA, PEFT's form)
@@ -74,8 +73,8 @@ def lora_rows_ref(x: torch.Tensor, y: torch.Tensor, base_bias: torch.Tensor | No
     x [n, in], y [n, out] (a row-range view of the batch output), base_bias [out] or None.
     """
     for s in factors.slices:
-        ys = y[:, s.out_start:s.out_start + s.out_features]
-        shrunk = torch.mm(x, s.At)                                    # [n, rank]
+        ys = y[:, s.out_start : s.out_start + s.out_features]
+        shrunk = torch.mm(x, s.At)  # [n, rank]
         if s.output_scale is None:
             if s.fused_scale_is_exact:
                 ys.addmm_(shrunk, s.Bt, alpha=s.scale)
@@ -83,7 +82,7 @@ def lora_rows_ref(x: torch.Tensor, y: torch.Tensor, base_bias: torch.Tensor | No
                 delta = (shrunk @ s.Bt).mul_(s.scale)
                 ys.add_(delta if s.divisor == 1.0 else delta.div_(s.divisor))
         else:
-            base = ys - base_bias[s.out_start:s.out_start + s.out_features] if base_bias is not None else ys.clone()
+            base = ys - base_bias[s.out_start : s.out_start + s.out_features] if base_bias is not None else ys.clone()
             g = s.output_scale
             ys.add_((g - 1) * base + g * (shrunk @ s.Bt) * s.scale)
         if s.bias is not None:

@@ -57,18 +57,18 @@ import torch
 
 from kernels.lora import LinearFactors, SliceFactors, lora_rows_ref
 
-Group = tuple[int, int, int]   # (slot, start, end): rows [start, end) use `slot`
+Group = tuple[int, int, int]  # (slot, start, end): rows [start, end) use `slot`
 
 
 @dataclass(slots=True)
 class StepMeta:
-    token_slots: torch.Tensor    # [max_tokens] int32, −1 = base
-    seg_starts: torch.Tensor     # [max_segments] int32
-    seg_lens: torch.Tensor       # [max_segments] int32
-    seg_slots: torch.Tensor      # [max_segments] int32
-    num_segments: torch.Tensor   # [1] int32
+    token_slots: torch.Tensor  # [max_tokens] int32, −1 = base
+    seg_starts: torch.Tensor  # [max_segments] int32
+    seg_lens: torch.Tensor  # [max_segments] int32
+    seg_slots: torch.Tensor  # [max_segments] int32
+    num_segments: torch.Tensor  # [1] int32
     num_tokens: int = 0
-    num_groups: int = 0          # host copy of num_segments: eager launches size their grids by it
+    num_groups: int = 0  # host copy of num_segments: eager launches size their grids by it
     max_seg_len: int = 0
 
     @property
@@ -82,9 +82,13 @@ class StepMeta:
 
 def alloc_step_meta(max_tokens: int, max_segments: int, device: torch.device | str = "cpu") -> StepMeta:
     i32 = dict(dtype=torch.int32, device=device)
-    return StepMeta(torch.full((max_tokens,), -1, **i32), torch.zeros(max_segments, **i32),
-                    torch.zeros(max_segments, **i32), torch.full((max_segments,), -1, **i32),
-                    torch.zeros(1, **i32))
+    return StepMeta(
+        torch.full((max_tokens,), -1, **i32),
+        torch.zeros(max_segments, **i32),
+        torch.zeros(max_segments, **i32),
+        torch.full((max_segments,), -1, **i32),
+        torch.zeros(1, **i32),
+    )
 
 
 def fill_step_meta(meta: StepMeta, groups: list[Group], num_tokens: int) -> StepMeta:
@@ -110,8 +114,13 @@ def fill_step_meta(meta: StepMeta, groups: list[Group], num_tokens: int) -> Step
     return meta
 
 
-def build_step_meta(groups: list[Group], num_tokens: int, max_tokens: int | None = None,
-                    max_segments: int | None = None, device: torch.device | str = "cpu") -> StepMeta:
+def build_step_meta(
+    groups: list[Group],
+    num_tokens: int,
+    max_tokens: int | None = None,
+    max_segments: int | None = None,
+    device: torch.device | str = "cpu",
+) -> StepMeta:
     meta = alloc_step_meta(max_tokens or max(num_tokens, 1), max_segments or max(len(groups), 1), device)
     return fill_step_meta(meta, groups, num_tokens)
 
@@ -132,9 +141,8 @@ class StepBuffers:
     def __init__(self, max_tokens: int, max_projection_families: int, device: torch.device | str = "cpu") -> None:
         self.device = device
         self.max_tokens = max_tokens
-        self.meta = alloc_step_meta(max_tokens, max_tokens, device)   # a group has ≥ 1 token
-        self.projection_slots = torch.full((max_projection_families, max_tokens), -1, dtype=torch.int32,
-                                           device=device)
+        self.meta = alloc_step_meta(max_tokens, max_tokens, device)  # a group has ≥ 1 token
+        self.projection_slots = torch.full((max_projection_families, max_tokens), -1, dtype=torch.int32, device=device)
         self.lora_h = torch.zeros(0, max_tokens, 0, dtype=torch.float32, device=device)
         self.projection_h = torch.zeros(max_tokens, 0, dtype=torch.float32, device=device)
         self.allocations = 0
@@ -144,8 +152,9 @@ class StepBuffers:
             raise ValueError(f"{num_tokens} tokens exceed the step buffers' {self.max_tokens}")
         return fill_step_meta(self.meta, groups, num_tokens)
 
-    def fill_projection_family(self, index: int, rows: slice | torch.Tensor, token_slots: torch.Tensor,
-                               num_tokens: int) -> torch.Tensor:
+    def fill_projection_family(
+        self, index: int, rows: slice | torch.Tensor, token_slots: torch.Tensor, num_tokens: int
+    ) -> torch.Tensor:
         """Row `index` of projection_slots for this step: [num_tokens] with the projection family's rows set to
         their slot."""
         out = self.projection_slots[index, :num_tokens]
@@ -155,8 +164,13 @@ class StepBuffers:
 
     def lora_scratch(self, n_slices: int, max_rank: int) -> torch.Tensor:
         if self.lora_h.shape[0] < n_slices or self.lora_h.shape[2] < max_rank:
-            self.lora_h = torch.zeros(max(n_slices, self.lora_h.shape[0]), self.max_tokens,
-                                      max(max_rank, self.lora_h.shape[2]), dtype=torch.float32, device=self.device)
+            self.lora_h = torch.zeros(
+                max(n_slices, self.lora_h.shape[0]),
+                self.max_tokens,
+                max(max_rank, self.lora_h.shape[2]),
+                dtype=torch.float32,
+                device=self.device,
+            )
             self.allocations += 1
         return self.lora_h[:n_slices, :, :max_rank]
 
@@ -169,24 +183,31 @@ class StepBuffers:
 
 @dataclass(slots=True)
 class SlotBuffers:
-    out_slices: list[tuple[int, int]]   # (out_start, out_features) per projection j
-    A_buf: torch.Tensor                 # [n_slices, max_slots, max_rank, in]
-    B_buf: torch.Tensor                 # [max_slots, total_out, max_rank]
-    slot_ranks: torch.Tensor            # [n_slices, max_slots] int32
-    slot_scales: torch.Tensor           # [n_slices, max_slots] float32
-    out_starts: torch.Tensor            # [n_slices] int32 (device copy of out_slices)
-    out_sizes: torch.Tensor             # [n_slices] int32
+    out_slices: list[tuple[int, int]]  # (out_start, out_features) per projection j
+    A_buf: torch.Tensor  # [n_slices, max_slots, max_rank, in]
+    B_buf: torch.Tensor  # [max_slots, total_out, max_rank]
+    slot_ranks: torch.Tensor  # [n_slices, max_slots] int32
+    slot_scales: torch.Tensor  # [n_slices, max_slots] float32
+    out_starts: torch.Tensor  # [n_slices] int32 (device copy of out_slices)
+    out_sizes: torch.Tensor  # [n_slices] int32
     bias_buf: torch.Tensor | None = None  # [max_slots, total_out]
-    g_buf: torch.Tensor | None = None     # [max_slots, total_out], 1.0 where not DoRA
+    g_buf: torch.Tensor | None = None  # [max_slots, total_out], 1.0 where not DoRA
 
     @property
     def max_rank(self) -> int:
         return int(self.A_buf.shape[2])
 
 
-def alloc_slot_buffers(in_features: int, out_slices: list[tuple[int, int]], max_slots: int, max_rank: int,
-                       dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                       with_bias: bool = False, with_dora: bool = False) -> SlotBuffers:
+def alloc_slot_buffers(
+    in_features: int,
+    out_slices: list[tuple[int, int]],
+    max_slots: int,
+    max_rank: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    with_bias: bool = False,
+    with_dora: bool = False,
+) -> SlotBuffers:
     total_out = max(start + size for start, size in out_slices)
     n = len(out_slices)
     i32 = dict(dtype=torch.int32, device=device)
@@ -238,8 +259,9 @@ def write_slot(bufs: SlotBuffers, slot: int, factors: LinearFactors | None) -> N
             bufs.g_buf[slot, cols].copy_(s.output_scale)
 
 
-def lora_shrink_expand_ref(x: torch.Tensor, y: torch.Tensor, meta: StepMeta, bufs: SlotBuffers,
-                           base_bias: torch.Tensor | None = None) -> torch.Tensor:
+def lora_shrink_expand_ref(
+    x: torch.Tensor, y: torch.Tensor, meta: StepMeta, bufs: SlotBuffers, base_bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """Torch reference of the slot-buffer ops, in place on y [T, total_out]: for each live segment i,
     `kernels.lora.lora_rows_ref` (the one torch statement of the LoRA-family op) on its rows, with the
     factors of slot s = seg_slots[i] read back from the buffers as views: per projection j with
@@ -265,8 +287,15 @@ def slot_factors(bufs: SlotBuffers, slot: int) -> LinearFactors:
         if r == 0:
             continue
         cols = slice(out_start, out_start + out_f)
-        pieces.append(SliceFactors(out_start, out_f, bufs.A_buf[j, slot, :r], bufs.B_buf[slot, cols, :r].T,
-                                   float(bufs.slot_scales[j, slot]),
-                                   bias=None if bufs.bias_buf is None else bufs.bias_buf[slot, cols],
-                                   output_scale=None if bufs.g_buf is None else bufs.g_buf[slot, cols]))
+        pieces.append(
+            SliceFactors(
+                out_start,
+                out_f,
+                bufs.A_buf[j, slot, :r],
+                bufs.B_buf[slot, cols, :r].T,
+                float(bufs.slot_scales[j, slot]),
+                bias=None if bufs.bias_buf is None else bufs.bias_buf[slot, cols],
+                output_scale=None if bufs.g_buf is None else bufs.g_buf[slot, cols],
+            )
+        )
     return LinearFactors(pieces)

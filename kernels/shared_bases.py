@@ -32,8 +32,14 @@ class VeraStack:
     A slot that does not adapt projection j has zero vectors there and adds exactly nothing.
     """
 
-    def __init__(self, out_slices: list[tuple[int, int]], num_slots: int, r: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        out_slices: list[tuple[int, int]],
+        num_slots: int,
+        r: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.out_slices = list(out_slices)
         self.total_out = max(start + size for start, size in out_slices)
         self.max_out = max(size for _, size in out_slices)
@@ -43,12 +49,12 @@ class VeraStack:
         self.out_starts = torch.tensor([start for start, _ in out_slices], **i32)
         self.out_sizes = torch.tensor([size for _, size in out_slices], **i32)
         self.active = torch.zeros(len(out_slices), **i32)
-        self._users: list[set[int]] = [set() for _ in out_slices]   # slots adapting each projection
+        self._users: list[set[int]] = [set() for _ in out_slices]  # slots adapting each projection
 
     def write(self, slot: int, where: tuple[int, int], lambda_d: torch.Tensor, lambda_b: torch.Tensor) -> None:
         j = self.out_slices.index(where)
         self.lambda_d[j, slot].copy_(lambda_d)
-        self.lambda_b[slot, where[0]:where[0] + where[1]].copy_(lambda_b)
+        self.lambda_b[slot, where[0] : where[0] + where[1]].copy_(lambda_b)
         self._users[j].add(slot)
         self.active[j] = 1
 
@@ -80,11 +86,16 @@ class RandLoraStack:
     scales: torch.Tensor
 
     @classmethod
-    def empty(cls, num_slots: int, r: int, nb: int, min_l: int, in_le_out: bool,
-              device: torch.device | str = "cpu") -> "RandLoraStack":
+    def empty(
+        cls, num_slots: int, r: int, nb: int, min_l: int, in_le_out: bool, device: torch.device | str = "cpu"
+    ) -> RandLoraStack:
         f32 = dict(dtype=torch.float32, device=device)
-        return cls(in_le_out, torch.zeros(num_slots, r, nb, **f32), torch.zeros(num_slots, nb, min_l, **f32),
-                   torch.zeros(num_slots, **f32))
+        return cls(
+            in_le_out,
+            torch.zeros(num_slots, r, nb, **f32),
+            torch.zeros(num_slots, nb, min_l, **f32),
+            torch.zeros(num_slots, **f32),
+        )
 
     def write(self, slot: int, lam: torch.Tensor, gamma: torch.Tensor, scale: float) -> None:
         self.lam[slot].copy_(lam)
@@ -112,7 +123,7 @@ class RandLoraSlice:
     """One RandLoRA adapter's factors for one projection, as the torch path multiplies by them:
     U = (λ ⊙ A_l ⊙ Γ) flattened (`randlora_u`, PEFT's order), built once at load, and the scale."""
 
-    U: torch.Tensor                       # [r·nb, min(in, out)] in the model dtype
+    U: torch.Tensor  # [r·nb, min(in, out)] in the model dtype
     scale: float
 
 
@@ -148,8 +159,15 @@ def _add_rows(y: torch.Tensor, rows: Rows, delta: torch.Tensor) -> None:
         y.index_add_(0, rows, delta)
 
 
-def vera_family_ref(x: torch.Tensor, y: torch.Tensor, rows: Rows, token_slots: torch.Tensor, A_l: torch.Tensor,
-                    B: torch.Tensor, stack: VeraStack) -> None:
+def vera_family_ref(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    rows: Rows,
+    token_slots: torch.Tensor,
+    A_l: torch.Tensor,
+    B: torch.Tensor,
+    stack: VeraStack,
+) -> None:
     """For each projection j of the layer that the family adapts, with s = the token's slot:
         y[rows, cols_j] += λ_b[s, cols_j] ⊙ ((λ_d[j, s] ⊙ (x[rows] A_lᵀ)) B[:out_j]ᵀ)
     x A_lᵀ is one product for every projection and every adapter of the family (A_l depends only on
@@ -158,12 +176,12 @@ def vera_family_ref(x: torch.Tensor, y: torch.Tensor, rows: Rows, token_slots: t
     x [T, in]; y [T, total_out] (the packed layer output); rows: the family's rows; token_slots [n]:
     their slots; A_l [r, in], B [≥ max out_j, r] (PEFT's slices: B_l of projection j is B[:out_j]).
     """
-    h = _take(x, rows) @ A_l.T                                  # [n, r]   shared by the whole layer
+    h = _take(x, rows) @ A_l.T  # [n, r]   shared by the whole layer
     for j, (out_start, out_f) in stack.active_slices():
         lambda_d = stack.lambda_d[j].index_select(0, token_slots)
-        lambda_b = stack.lambda_b[:, out_start:out_start + out_f].index_select(0, token_slots)
-        u = (lambda_d * h) @ B[:out_f].T                        # [n, out] shared
-        _add_rows(y[:, out_start:out_start + out_f], rows, lambda_b * u)
+        lambda_b = stack.lambda_b[:, out_start : out_start + out_f].index_select(0, token_slots)
+        u = (lambda_d * h) @ B[:out_f].T  # [n, out] shared
+        _add_rows(y[:, out_start : out_start + out_f], rows, lambda_b * u)
 
 
 def randlora_family_ref(x: torch.Tensor, y: torch.Tensor, rows: Rows, members: list, V: torch.Tensor) -> None:
@@ -176,17 +194,17 @@ def randlora_family_ref(x: torch.Tensor, y: torch.Tensor, rows: Rows, members: l
     family's flattened basis, already sliced to this layer (PEFT's pairing of U's rows with V's
     columns, docs/adapters.md §4.3).
     """
-    if all(p is None for _, p in members):   # only another loaded adapter of the family targets this projection
+    if all(p is None for _, p in members):  # only another loaded adapter of the family targets this projection
         return
-    xf = _take(x, rows)                                                    # [n, in]
-    if x.shape[1] <= y.shape[1]:                                           # in ≤ out
-        h = torch.zeros(xf.shape[0], V.shape[1], dtype=xf.dtype, device=xf.device)   # [n, r·nb]
+    xf = _take(x, rows)  # [n, in]
+    if x.shape[1] <= y.shape[1]:  # in ≤ out
+        h = torch.zeros(xf.shape[0], V.shape[1], dtype=xf.dtype, device=xf.device)  # [n, r·nb]
         for g_rows, piece in members:
             if piece is not None:
                 h[g_rows] = xf[g_rows] @ piece.U.T
-        delta = h @ V.T                                                    # [n, out]
+        delta = h @ V.T  # [n, out]
     else:
-        p = xf @ V                                                         # [n, r·nb]
+        p = xf @ V  # [n, r·nb]
         delta = torch.zeros(xf.shape[0], y.shape[1], dtype=xf.dtype, device=xf.device)
         for g_rows, piece in members:
             if piece is not None:

@@ -50,10 +50,29 @@ def _row_tile(token_slots, pid_m, T, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _gathered_shrink_kernel(x_ptr, w_ptr, lam_ptr, h_ptr, token_slots, T, K, R,
-                            sx_t, sx_k, sw_r, sw_k, sl_s, sl_r, sh_t, sh_r,
-                            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                            HAS_LAM: tl.constexpr, UPCAST: tl.constexpr):
+def _gathered_shrink_kernel(
+    x_ptr,
+    w_ptr,
+    lam_ptr,
+    h_ptr,
+    token_slots,
+    T,
+    K,
+    R,
+    sx_t,
+    sx_k,
+    sw_r,
+    sw_k,
+    sl_s,
+    sl_r,
+    sh_t,
+    sh_r,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_LAM: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """h[t, r] = λ[slot(t), r] · round(x[t] Wᵀ)[r] (λ ≡ 1 without HAS_LAM): one shared product over a row
     tile, gather-scale fused."""
     pid_m, pid_r = tl.program_id(0), tl.program_id(1)
@@ -64,12 +83,14 @@ def _gathered_shrink_kernel(x_ptr, w_ptr, lam_ptr, h_ptr, token_slots, T, K, R,
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        xt = tl.load(x_ptr + offs_m[:, None] * sx_t + offs_k[None, :] * sx_k,
-                     mask=live[:, None] & mask_k[None, :], other=0.0)
-        wt = tl.load(w_ptr + offs_r[None, :] * sw_r + offs_k[:, None] * sw_k,
-                     mask=mask_r[None, :] & mask_k[:, None], other=0.0)
+        xt = tl.load(
+            x_ptr + offs_m[:, None] * sx_t + offs_k[None, :] * sx_k, mask=live[:, None] & mask_k[None, :], other=0.0
+        )
+        wt = tl.load(
+            w_ptr + offs_r[None, :] * sw_r + offs_k[:, None] * sw_k, mask=mask_r[None, :] & mask_k[:, None], other=0.0
+        )
         acc += mma(xt, wt, UPCAST)
-    acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)        # x Wᵀ in the input dtype, like the reference
+    acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)  # x Wᵀ in the input dtype, like the reference
     mask = live[:, None] & mask_r[None, :]
     if HAS_LAM:
         acc *= tl.load(lam_ptr + slots[:, None] * sl_s + offs_r[None, :] * sl_r, mask=mask, other=0.0).to(tl.float32)
@@ -77,10 +98,28 @@ def _gathered_shrink_kernel(x_ptr, w_ptr, lam_ptr, h_ptr, token_slots, T, K, R,
 
 
 @triton.jit
-def _gathered_expand_kernel(h_ptr, w_ptr, lam_ptr, y_ptr, token_slots, T, N, R,
-                            sh_t, sh_r, sw_n, sw_r, sl_s, sl_n, sy_t, sy_n,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                            UPCAST: tl.constexpr):
+def _gathered_expand_kernel(
+    h_ptr,
+    w_ptr,
+    lam_ptr,
+    y_ptr,
+    token_slots,
+    T,
+    N,
+    R,
+    sh_t,
+    sh_r,
+    sw_n,
+    sw_r,
+    sl_s,
+    sl_n,
+    sy_t,
+    sy_n,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """y[t, n] += λ[slot(t), n] · round(h[t] Wᵀ)[n] for rows with slot ≥ 0."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m, slots, live = _row_tile(token_slots, pid_m, T, BLOCK_M)
@@ -90,12 +129,14 @@ def _gathered_expand_kernel(h_ptr, w_ptr, lam_ptr, y_ptr, token_slots, T, N, R,
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
-        ht = tl.load(h_ptr + offs_m[:, None] * sh_t + offs_r[None, :] * sh_r,
-                     mask=live[:, None] & mask_r[None, :], other=0.0)
-        wt = tl.load(w_ptr + offs_n[None, :] * sw_n + offs_r[:, None] * sw_r,
-                     mask=mask_n[None, :] & mask_r[:, None], other=0.0)
+        ht = tl.load(
+            h_ptr + offs_m[:, None] * sh_t + offs_r[None, :] * sh_r, mask=live[:, None] & mask_r[None, :], other=0.0
+        )
+        wt = tl.load(
+            w_ptr + offs_n[None, :] * sw_n + offs_r[:, None] * sw_r, mask=mask_n[None, :] & mask_r[:, None], other=0.0
+        )
         acc += mma(ht.to(wt.dtype), wt, UPCAST)
-    acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)        # h Wᵀ in the input dtype
+    acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)  # h Wᵀ in the input dtype
     mask = live[:, None] & mask_n[None, :]
     lam = tl.load(lam_ptr + slots[:, None] * sl_s + offs_n[None, :] * sl_n, mask=mask, other=0.0).to(tl.float32)
     y_ptrs = y_ptr + offs_m[:, None] * sy_t + offs_n[None, :] * sy_n
@@ -111,9 +152,16 @@ def _scratch(h: torch.Tensor | None, rows: int, cols: int, device: torch.device)
     return h
 
 
-def gathered_shrink(x: torch.Tensor, W: torch.Tensor, lam: torch.Tensor | None, token_slots: torch.Tensor,
-                    h: torch.Tensor | None = None, block_m: int = 16, block_r: int = 16,
-                    block_k: int = 64) -> torch.Tensor:
+def gathered_shrink(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    lam: torch.Tensor | None,
+    token_slots: torch.Tensor,
+    h: torch.Tensor | None = None,
+    block_m: int = 16,
+    block_r: int = 16,
+    block_k: int = 64,
+) -> torch.Tensor:
     """h[t, :R] = λ[token_slots[t]] ⊙ round(x[t] Wᵀ); x [T, K], W [R, K] (any strides), lam [max_slots, R]
     (strides may be 0) or None for λ ≡ 1, token_slots [T] int32; h [≥T, ≥R] fp32 scratch (allocated when None).
     Rows with slot −1 are left untouched."""
@@ -122,36 +170,105 @@ def gathered_shrink(x: torch.Tensor, W: torch.Tensor, lam: torch.Tensor | None, 
     h = _scratch(h, T, R, x.device)
     if T:
         grid = (triton.cdiv(T, block_m), triton.cdiv(R, block_r))
-        lam_arg, lam_strides = (h, (0, 0)) if lam is None else (lam, lam.stride())   # h: an unread placeholder
-        _gathered_shrink_kernel[grid](x, W, lam_arg, h, token_slots, T, K, R, x.stride(0), x.stride(1),
-                                      W.stride(0), W.stride(1), *lam_strides, h.stride(0), h.stride(1),
-                                      BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
-                                      HAS_LAM=lam is not None, UPCAST=INTERPRETED)
+        lam_arg, lam_strides = (h, (0, 0)) if lam is None else (lam, lam.stride())  # h: an unread placeholder
+        _gathered_shrink_kernel[grid](
+            x,
+            W,
+            lam_arg,
+            h,
+            token_slots,
+            T,
+            K,
+            R,
+            x.stride(0),
+            x.stride(1),
+            W.stride(0),
+            W.stride(1),
+            *lam_strides,
+            h.stride(0),
+            h.stride(1),
+            BLOCK_M=block_m,
+            BLOCK_R=block_r,
+            BLOCK_K=block_k,
+            HAS_LAM=lam is not None,
+            UPCAST=INTERPRETED,
+        )
     return h
 
 
-def gathered_expand(h: torch.Tensor, y: torch.Tensor, W: torch.Tensor, lam: torch.Tensor,
-                    token_slots: torch.Tensor, out_start: int = 0, block_m: int = 16, block_n: int = 64,
-                    block_r: int = 16) -> torch.Tensor:
+def gathered_expand(
+    h: torch.Tensor,
+    y: torch.Tensor,
+    W: torch.Tensor,
+    lam: torch.Tensor,
+    token_slots: torch.Tensor,
+    out_start: int = 0,
+    block_m: int = 16,
+    block_n: int = 64,
+    block_r: int = 16,
+) -> torch.Tensor:
     """y[t, out_start:out_start+N] += λ[token_slots[t]] ⊙ round(h[t, :R] Wᵀ); W [N, R], lam [max_slots, N]
     (strides may be 0); only rows with slot ≥ 0 are written."""
     T = y.shape[0]
     N, R = W.shape
-    ys = y[:, out_start:out_start + N]
+    ys = y[:, out_start : out_start + N]
     if T:
         grid = (triton.cdiv(T, block_m), triton.cdiv(N, block_n))
-        _gathered_expand_kernel[grid](h, W, lam, ys, token_slots, T, N, R, h.stride(0), h.stride(1),
-                                      W.stride(0), W.stride(1), lam.stride(0), lam.stride(1),
-                                      ys.stride(0), ys.stride(1),
-                                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, UPCAST=INTERPRETED)
+        _gathered_expand_kernel[grid](
+            h,
+            W,
+            lam,
+            ys,
+            token_slots,
+            T,
+            N,
+            R,
+            h.stride(0),
+            h.stride(1),
+            W.stride(0),
+            W.stride(1),
+            lam.stride(0),
+            lam.stride(1),
+            ys.stride(0),
+            ys.stride(1),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_R=block_r,
+            UPCAST=INTERPRETED,
+        )
     return y
 
 
 # ---------------------------------------------------------------------------------------- VeRA
 @triton.jit
-def _vera_expand_kernel(h_ptr, b_ptr, lam_d_ptr, lam_b_ptr, y_ptr, token_slots, out_starts, out_sizes, active,
-                        T, R, sh_t, sh_r, sb_n, sb_r, sd_j, sd_s, sd_r, sl_s, sl_n, sy_t, sy_n,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr):
+def _vera_expand_kernel(
+    h_ptr,
+    b_ptr,
+    lam_d_ptr,
+    lam_b_ptr,
+    y_ptr,
+    token_slots,
+    out_starts,
+    out_sizes,
+    active,
+    T,
+    R,
+    sh_t,
+    sh_r,
+    sb_n,
+    sb_r,
+    sd_j,
+    sd_s,
+    sd_r,
+    sl_s,
+    sl_n,
+    sy_t,
+    sy_n,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """y[t, c0_j + n] += λ_b[s, c0_j + n] · round(Σ_r round(λ_d[j, s, r] · h[t, r]) · B[n, r]), program (m, n, j):
     every projection j of a packed layer in one launch (B_l of j is B[:out_j])."""
     pid_m, pid_n, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -169,12 +286,14 @@ def _vera_expand_kernel(h_ptr, b_ptr, lam_d_ptr, lam_b_ptr, y_ptr, token_slots, 
         mask_r = offs_r < R
         mask_mr = live[:, None] & mask_r[None, :]
         ht = tl.load(h_ptr + offs_m[:, None] * sh_t + offs_r[None, :] * sh_r, mask=mask_mr, other=0.0)
-        lam_d = tl.load(lam_d_ptr + j * sd_j + slots[:, None] * sd_s + offs_r[None, :] * sd_r,
-                        mask=mask_mr, other=0.0).to(tl.float32)
-        bt = tl.load(b_ptr + offs_n[None, :] * sb_n + offs_r[:, None] * sb_r,
-                     mask=mask_n[None, :] & mask_r[:, None], other=0.0)                     # [BR, BN] = B_lᵀ
-        acc += mma((lam_d * ht).to(bt.dtype), bt, UPCAST)                                  # λ_d ⊙ h in B's dtype
-    acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)                                    # u in the input dtype
+        lam_d = tl.load(
+            lam_d_ptr + j * sd_j + slots[:, None] * sd_s + offs_r[None, :] * sd_r, mask=mask_mr, other=0.0
+        ).to(tl.float32)
+        bt = tl.load(
+            b_ptr + offs_n[None, :] * sb_n + offs_r[:, None] * sb_r, mask=mask_n[None, :] & mask_r[:, None], other=0.0
+        )  # [BR, BN] = B_lᵀ
+        acc += mma((lam_d * ht).to(bt.dtype), bt, UPCAST)  # λ_d ⊙ h in B's dtype
+    acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)  # u in the input dtype
     cols = tl.load(out_starts + j) + offs_n
     mask = live[:, None] & mask_n[None, :]
     lam_b = tl.load(lam_b_ptr + slots[:, None] * sl_s + cols[None, :] * sl_n, mask=mask, other=0.0).to(tl.float32)
@@ -183,9 +302,18 @@ def _vera_expand_kernel(h_ptr, b_ptr, lam_d_ptr, lam_b_ptr, y_ptr, token_slots, 
     tl.store(y_ptrs, (y + lam_b * acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def vera_apply(x: torch.Tensor, y: torch.Tensor, A_l: torch.Tensor, B: torch.Tensor, stack: VeraStack,
-               token_slots: torch.Tensor, h: torch.Tensor | None = None, block_m: int = 16, block_n: int = 64,
-               block_r: int = 16) -> torch.Tensor:
+def vera_apply(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    A_l: torch.Tensor,
+    B: torch.Tensor,
+    stack: VeraStack,
+    token_slots: torch.Tensor,
+    h: torch.Tensor | None = None,
+    block_m: int = 16,
+    block_n: int = 64,
+    block_r: int = 16,
+) -> torch.Tensor:
     """`vera_family_ref` for the rows with token_slots ≥ 0, all projections of the layer in one expand launch:
     h = round(x A_lᵀ) once (shared by every projection and adapter), then per projection j
     y[t, cols_j] += λ_b[s, cols_j] ⊙ ((λ_d[j, s] ⊙ h[t]) B[:out_j]ᵀ). x [T, in], y [T, total_out], A_l [r, in],
@@ -194,19 +322,62 @@ def vera_apply(x: torch.Tensor, y: torch.Tensor, A_l: torch.Tensor, B: torch.Ten
     h = gathered_shrink(x, A_l, None, token_slots, h)
     if T:
         grid = (triton.cdiv(T, block_m), triton.cdiv(stack.max_out, block_n), len(stack.out_slices))
-        _vera_expand_kernel[grid](h, B, stack.lambda_d, stack.lambda_b, y, token_slots, stack.out_starts,
-                                  stack.out_sizes, stack.active, T, R, h.stride(0), h.stride(1),
-                                  B.stride(0), B.stride(1), *stack.lambda_d.stride(), *stack.lambda_b.stride(),
-                                  y.stride(0), y.stride(1),
-                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, UPCAST=INTERPRETED)
+        _vera_expand_kernel[grid](
+            h,
+            B,
+            stack.lambda_d,
+            stack.lambda_b,
+            y,
+            token_slots,
+            stack.out_starts,
+            stack.out_sizes,
+            stack.active,
+            T,
+            R,
+            h.stride(0),
+            h.stride(1),
+            B.stride(0),
+            B.stride(1),
+            *stack.lambda_d.stride(),
+            *stack.lambda_b.stride(),
+            y.stride(0),
+            y.stride(1),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_R=block_r,
+            UPCAST=INTERPRETED,
+        )
     return y
 
 
 # ---------------------------------------------------------------------------------------- RandLoRA
 @triton.jit
-def _randlora_gamma_shrink_kernel(x_ptr, a_ptr, lam_ptr, gam_ptr, h_ptr, token_slots, R, NB, MIN,
-                                  sx_t, sx_c, sa_i, sa_c, sl_s, sl_i, sl_b, sg_s, sg_b, sg_c, sh_t, sh_k,
-                                  BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
+def _randlora_gamma_shrink_kernel(
+    x_ptr,
+    a_ptr,
+    lam_ptr,
+    gam_ptr,
+    h_ptr,
+    token_slots,
+    R,
+    NB,
+    MIN,
+    sx_t,
+    sx_c,
+    sa_i,
+    sa_c,
+    sl_s,
+    sl_i,
+    sl_b,
+    sg_s,
+    sg_b,
+    sg_c,
+    sh_t,
+    sh_k,
+    BLOCK_B: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """h[t, i·nb+b] = round(λ[s,i,b] · Σ_c (x[t,c] Γ[s,b,c]) A[i,c]), program (t, b tile), s = slot(t)."""
     t, pid_b = tl.program_id(0), tl.program_id(1)
     slot = tl.load(token_slots + t)
@@ -222,22 +393,53 @@ def _randlora_gamma_shrink_kernel(x_ptr, a_ptr, lam_ptr, gam_ptr, h_ptr, token_s
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask_c = offs_c < MIN
             xv = tl.load(x_ptr + t * sx_t + offs_c * sx_c, mask=mask_c, other=0.0).to(tl.float32)
-            gam = tl.load(gam_ptr + slot * sg_s + offs_b[:, None] * sg_b + offs_c[None, :] * sg_c,
-                          mask=mask_b[:, None] & mask_c[None, :], other=0.0).to(tl.float32)      # [BB, BC]
-            at = tl.load(a_ptr + offs_i[None, :] * sa_i + offs_c[:, None] * sa_c,
-                         mask=mask_i[None, :] & mask_c[:, None], other=0.0).to(tl.float32)      # [BC, BI] = Aᵀ
+            gam = tl.load(
+                gam_ptr + slot * sg_s + offs_b[:, None] * sg_b + offs_c[None, :] * sg_c,
+                mask=mask_b[:, None] & mask_c[None, :],
+                other=0.0,
+            ).to(tl.float32)  # [BB, BC]
+            at = tl.load(
+                a_ptr + offs_i[None, :] * sa_i + offs_c[:, None] * sa_c,
+                mask=mask_i[None, :] & mask_c[:, None],
+                other=0.0,
+            ).to(tl.float32)  # [BC, BI] = Aᵀ
             acc += tl.dot(gam * xv[None, :], at, input_precision="ieee")
         mask = mask_b[:, None] & mask_i[None, :]
-        lam = tl.load(lam_ptr + slot * sl_s + offs_i[None, :] * sl_i + offs_b[:, None] * sl_b,
-                      mask=mask, other=0.0).to(tl.float32)
-        out = (lam * acc).to(x_ptr.dtype.element_ty).to(tl.float32)                             # x Uᵀ in the input dtype
+        lam = tl.load(lam_ptr + slot * sl_s + offs_i[None, :] * sl_i + offs_b[:, None] * sl_b, mask=mask, other=0.0).to(
+            tl.float32
+        )
+        out = (lam * acc).to(x_ptr.dtype.element_ty).to(tl.float32)  # x Uᵀ in the input dtype
         tl.store(h_ptr + t * sh_t + (offs_i[None, :] * NB + offs_b[:, None]) * sh_k, out, mask=mask)
 
 
 @triton.jit
-def _randlora_gamma_expand_kernel(p_ptr, a_ptr, lam_ptr, gam_ptr, scale_ptr, y_ptr, token_slots, R, NB, MIN,
-                                  sp_t, sp_k, sa_i, sa_c, sl_s, sl_i, sl_b, sg_s, sg_b, sg_c, sy_t, sy_n,
-                                  BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
+def _randlora_gamma_expand_kernel(
+    p_ptr,
+    a_ptr,
+    lam_ptr,
+    gam_ptr,
+    scale_ptr,
+    y_ptr,
+    token_slots,
+    R,
+    NB,
+    MIN,
+    sp_t,
+    sp_k,
+    sa_i,
+    sa_c,
+    sl_s,
+    sl_i,
+    sl_b,
+    sg_s,
+    sg_b,
+    sg_c,
+    sy_t,
+    sy_n,
+    BLOCK_B: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """y[t, c] += scale[s] · round(Σ_b Γ[s,b,c] Σ_i p[t, i·nb+b] λ[s,i,b] A[i,c]), program (t, c tile)."""
     t, pid_c = tl.program_id(0), tl.program_id(1)
     slot = tl.load(token_slots + t)
@@ -255,15 +457,22 @@ def _randlora_gamma_expand_kernel(p_ptr, a_ptr, lam_ptr, gam_ptr, scale_ptr, y_p
             mask_i = offs_i < R
             mask_bi = mask_b[:, None] & mask_i[None, :]
             p = tl.load(p_ptr + t * sp_t + (offs_i[None, :] * NB + offs_b[:, None]) * sp_k, mask=mask_bi, other=0.0)
-            lam = tl.load(lam_ptr + slot * sl_s + offs_i[None, :] * sl_i + offs_b[:, None] * sl_b,
-                          mask=mask_bi, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + offs_i[:, None] * sa_i + offs_c[None, :] * sa_c,
-                        mask=mask_i[:, None] & mask_c[None, :], other=0.0).to(tl.float32)        # [BI, BC]
-            w += tl.dot(p.to(tl.float32) * lam, a, input_precision="ieee")                     # [BB, BC]
-        gam = tl.load(gam_ptr + slot * sg_s + offs_b[:, None] * sg_b + offs_c[None, :] * sg_c,
-                      mask=mask_b[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+            lam = tl.load(
+                lam_ptr + slot * sl_s + offs_i[None, :] * sl_i + offs_b[:, None] * sl_b, mask=mask_bi, other=0.0
+            ).to(tl.float32)
+            a = tl.load(
+                a_ptr + offs_i[:, None] * sa_i + offs_c[None, :] * sa_c,
+                mask=mask_i[:, None] & mask_c[None, :],
+                other=0.0,
+            ).to(tl.float32)  # [BI, BC]
+            w += tl.dot(p.to(tl.float32) * lam, a, input_precision="ieee")  # [BB, BC]
+        gam = tl.load(
+            gam_ptr + slot * sg_s + offs_b[:, None] * sg_b + offs_c[None, :] * sg_c,
+            mask=mask_b[:, None] & mask_c[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc += tl.sum(gam * w, axis=0)
-    delta = acc.to(y_ptr.dtype.element_ty).to(tl.float32) * tl.load(scale_ptr + slot)   # p U in the input dtype
+    delta = acc.to(y_ptr.dtype.element_ty).to(tl.float32) * tl.load(scale_ptr + slot)  # p U in the input dtype
     y_ptrs = y_ptr + t * sy_t + offs_c * sy_n
     y = tl.load(y_ptrs, mask=mask_c, other=0.0).to(tl.float32)
     tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=mask_c)
@@ -273,8 +482,16 @@ def _block(n: int, lo: int = 16, hi: int = 64) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
-def randlora_apply(x: torch.Tensor, y: torch.Tensor, A_l: torch.Tensor, V: torch.Tensor, stack: RandLoraStack,
-                   token_slots: torch.Tensor, out_start: int = 0, h: torch.Tensor | None = None) -> torch.Tensor:
+def randlora_apply(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    A_l: torch.Tensor,
+    V: torch.Tensor,
+    stack: RandLoraStack,
+    token_slots: torch.Tensor,
+    out_start: int = 0,
+    h: torch.Tensor | None = None,
+) -> torch.Tensor:
     """`randlora_family_ref` for the rows with token_slots ≥ 0, each with its slot's λ, Γ and scale from
     `stack`. x [T, in]; y [T, ≥ out_start + out]; A_l [r, 1, min] and V [max, nb·r] the family's layer
     slices (PEFT's); h: fp32 scratch of at least [T, nb·r] (allocated when None)."""
@@ -288,15 +505,50 @@ def randlora_apply(x: torch.Tensor, y: torch.Tensor, A_l: torch.Tensor, V: torch
     if not T:
         return y
     block_b, block_i, block_c = _block(nb), _block(r, hi=32), 64
-    if stack.in_le_out:   # h = x Uᵀ (factored), then the shared V product with the per-slot scale
+    if stack.in_le_out:  # h = x Uᵀ (factored), then the shared V product with the per-slot scale
         _randlora_gamma_shrink_kernel[(T, triton.cdiv(nb, block_b))](
-            x, A_l, lam, gam, h, token_slots, r, nb, min_l, x.stride(0), x.stride(1), *a_strides, *lg_strides,
-            h.stride(0), h.stride(1), BLOCK_B=block_b, BLOCK_I=block_i, BLOCK_C=block_c)
-        scales = stack.scales.unsqueeze(1).expand(-1, out_f)            # a per-slot scalar, stride 0 over columns
+            x,
+            A_l,
+            lam,
+            gam,
+            h,
+            token_slots,
+            r,
+            nb,
+            min_l,
+            x.stride(0),
+            x.stride(1),
+            *a_strides,
+            *lg_strides,
+            h.stride(0),
+            h.stride(1),
+            BLOCK_B=block_b,
+            BLOCK_I=block_i,
+            BLOCK_C=block_c,
+        )
+        scales = stack.scales.unsqueeze(1).expand(-1, out_f)  # a per-slot scalar, stride 0 over columns
         return gathered_expand(h, y, V, scales, token_slots, out_start)
-    p = gathered_shrink(x, V.T, None, token_slots, h)                  # p = x V, shared by the family
-    ys = y[:, out_start:out_start + out_f]
+    p = gathered_shrink(x, V.T, None, token_slots, h)  # p = x V, shared by the family
+    ys = y[:, out_start : out_start + out_f]
     _randlora_gamma_expand_kernel[(T, triton.cdiv(min_l, block_c))](
-        p, A_l, lam, gam, stack.scales, ys, token_slots, r, nb, min_l, p.stride(0), p.stride(1), *a_strides,
-        *lg_strides, ys.stride(0), ys.stride(1), BLOCK_B=block_b, BLOCK_I=block_i, BLOCK_C=block_c)
+        p,
+        A_l,
+        lam,
+        gam,
+        stack.scales,
+        ys,
+        token_slots,
+        r,
+        nb,
+        min_l,
+        p.stride(0),
+        p.stride(1),
+        *a_strides,
+        *lg_strides,
+        ys.stride(0),
+        ys.stride(1),
+        BLOCK_B=block_b,
+        BLOCK_I=block_i,
+        BLOCK_C=block_c,
+    )
     return y

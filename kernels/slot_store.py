@@ -37,8 +37,9 @@ def _needs(factors: LinearFactors) -> tuple[int, bool, bool]:
 def _grown(old: SlotBuffers, in_features: int, max_rank: int, with_bias: bool, with_dora: bool) -> SlotBuffers:
     """A larger copy of `old`: same slots, ranks, scales; rank padding and new planes are zero (g = 1)."""
     A = old.A_buf
-    new = alloc_slot_buffers(in_features, old.out_slices, A.shape[1], max_rank, A.dtype, A.device,
-                             with_bias=with_bias, with_dora=with_dora)
+    new = alloc_slot_buffers(
+        in_features, old.out_slices, A.shape[1], max_rank, A.dtype, A.device, with_bias=with_bias, with_dora=with_dora
+    )
     r = old.max_rank
     new.A_buf[:, :, :r].copy_(old.A_buf)
     new.B_buf[:, :, :r].copy_(old.B_buf)
@@ -83,11 +84,24 @@ class LoraSlotStore:
         if bufs is None:
             out_slices = [(s.out_start, s.out_features) for s in layer.slices]
             max_rank = max(INITIAL_MAX_RANK, _next_pow2(rank))
-            bufs = alloc_slot_buffers(layer.in_features, out_slices, self.num_slots, max_rank, self.dtype,
-                                      self.device, with_bias=bias, with_dora=dora)
+            bufs = alloc_slot_buffers(
+                layer.in_features,
+                out_slices,
+                self.num_slots,
+                max_rank,
+                self.dtype,
+                self.device,
+                with_bias=bias,
+                with_dora=dora,
+            )
         elif rank > bufs.max_rank or (bias and bufs.bias_buf is None) or (dora and bufs.g_buf is None):
-            bufs = _grown(bufs, layer.in_features, max(bufs.max_rank, _next_pow2(rank)),
-                          bias or bufs.bias_buf is not None, dora or bufs.g_buf is not None)
+            bufs = _grown(
+                bufs,
+                layer.in_features,
+                max(bufs.max_rank, _next_pow2(rank)),
+                bias or bufs.bias_buf is not None,
+                dora or bufs.g_buf is not None,
+            )
         self.buffers[key] = bufs
         return bufs
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
 # Triton 3.9's interpreter computes tl.dot on bf16/fp16 operands from their raw bits (garbage), so
 # when interpreting, the operands are upcast first. That is exact (a product of two bf16/fp16 values
 # is exact in fp32 and the accumulation is fp32 either way); compiled kernels keep tensor-core dots.
@@ -25,4 +24,3 @@ def mma(a, b, UPCAST: tl.constexpr):
     else:
         out = tl.dot(a, b, input_precision="ieee")
     return out
-

@@ -55,8 +55,10 @@ def convert(gguf_path: Path, out_dir: Path) -> None:
 
     log("dequantizing GGUF -> float32 (takes ~30 s)")
     loaded = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name,
-        quantization_config=GgufConfig(dequantize=True), torch_dtype=torch.float32,
+        gguf_path.parent,
+        gguf_file=gguf_path.name,
+        quantization_config=GgufConfig(dequantize=True),
+        torch_dtype=torch.float32,
     )
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -99,7 +101,7 @@ def verify(out_dir: Path) -> None:
         raise SystemExit("tokenizers and transformers disagree on token ids")
     model = LlamaForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32)
     out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
-    answer = hf_tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    answer = hf_tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
     log(f"answer: {answer!r}")
     if "Paris" not in answer:
         raise SystemExit("converted model does not answer 'Paris'; conversion is broken")

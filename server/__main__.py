@@ -15,8 +15,10 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.model == DEMO_MODEL_DIR and not is_complete_model_dir(DEMO_MODEL_DIR):
-        sys.exit(f"the demo model is not at {DEMO_MODEL_DIR}; run `make setup` "
-                 "(or python scripts/fetch_demo_model.py), or pass --model DIR")
+        sys.exit(
+            f"the demo model is not at {DEMO_MODEL_DIR}; run `make setup` "
+            "(or python scripts/fetch_demo_model.py), or pass --model DIR"
+        )
     from server.app import create_app
     from server.runtime import build_runtime
 

@@ -60,8 +60,12 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     # Added innermost first: CORS answers preflights, the guard refuses cross-site writes, and the
     # body cap runs before anything reads the body.
-    app.add_middleware(CORSMiddleware, allow_origins=sorted(config.allowed_origins),
-                       allow_methods=["GET", "POST", "DELETE"], allow_headers=["authorization", "content-type"])
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=sorted(config.allowed_origins),
+        allow_methods=["GET", "POST", "DELETE"],
+        allow_headers=["authorization", "content-type"],
+    )
     app.add_middleware(CrossSiteWriteGuard, allowed_origins=config.allowed_origins)
     app.add_middleware(BodyLimit, limit_for=body_limit)
 

@@ -135,10 +135,18 @@ _OPTIONS: list[tuple[str, str, type, str]] = [
     ("--threads", "threads", int, "torch intra-op threads, 0 = cores available to the process"),
     ("--log-level", "log_level", str, "debug | info | warning | error"),
     ("--max-request-mb", "max_request_mb", float, "largest request body (adapter uploads: --max-upload-mb)"),
-    ("--cors-allow-origins", "cors_allow_origins", str, "comma-separated browser origins allowed to call the "
-     "API; empty = none (cross-site writes are refused)"),
-    ("--max-model-len", "engine.max_model_len", int, "longest prompt + completion in tokens (default: model "
-     "context capped at 4096)"),
+    (
+        "--cors-allow-origins",
+        "cors_allow_origins",
+        str,
+        "comma-separated browser origins allowed to call the API; empty = none (cross-site writes are refused)",
+    ),
+    (
+        "--max-model-len",
+        "engine.max_model_len",
+        int,
+        "longest prompt + completion in tokens (default: model context capped at 4096)",
+    ),
     ("--max-num-seqs", "engine.max_num_seqs", int, "most sequences running at once (KV slots)"),
     ("--max-batched-tokens", "engine.max_batched_tokens", int, "token budget of one engine step (prefill chunk)"),
     ("--kv-cache-gb", "engine.kv_cache_gb", float, "memory reserved for the KV cache"),
@@ -147,8 +155,12 @@ _OPTIONS: list[tuple[str, str, type, str]] = [
     ("--max-upload-mb", "adapters.max_upload_mb", float, "largest accepted adapter upload"),
     ("--host-cache-gb", "adapters.host_cache_gb", float, "parsed adapters kept in host memory"),
     ("--adapter-mode", "adapters.mode", str, "default adapter mode: auto | gathered | merged"),
-    ("--max-merge-wait-ms", "adapters.max_merge_wait_ms", float,
-     "longest a request waits while another adapter is merged"),
+    (
+        "--max-merge-wait-ms",
+        "adapters.max_merge_wait_ms",
+        float,
+        "longest a request waits while another adapter is merged",
+    ),
 ]
 
 
@@ -163,16 +175,22 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         group, _, name = path.rpartition(".")
         default = getattr(defaults[group], name)
         env = env_name(flag)
-        parser.add_argument(flag, dest=path, type=kind, metavar=name.upper(),
-                            default=kind(os.environ[env]) if env in os.environ else default,
-                            help=f"{help_text} [env {env}; default: {default}]")
+        parser.add_argument(
+            flag,
+            dest=path,
+            type=kind,
+            metavar=name.upper(),
+            default=kind(os.environ[env]) if env in os.environ else default,
+            help=f"{help_text} [env {env}; default: {default}]",
+        )
     values = vars(parser.parse_args(argv))
     sections: dict[str, dict] = {"": {}, "engine": {}, "adapters": {}}
     for path, value in values.items():
         group, _, name = path.rpartition(".")
         sections[group][name] = value
-    config = ServerConfig(engine=EngineConfig(**sections["engine"]),
-                          adapters=AdapterConfig(**sections["adapters"]), **sections[""])
+    config = ServerConfig(
+        engine=EngineConfig(**sections["engine"]), adapters=AdapterConfig(**sections["adapters"]), **sections[""]
+    )
     try:
         config.validate()
     except ValueError as exc:

@@ -23,10 +23,10 @@ _LOAD_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
 @dataclass(slots=True)
 class StepReport:
     seconds: float
-    phase: str                                   # "gathered" | "merged"
+    phase: str  # "gathered" | "merged"
     prompt_tokens: int
     generated_tokens: int
-    first_token_seconds: list[float] = field(default_factory=list)   # arrival -> first token, new ones
+    first_token_seconds: list[float] = field(default_factory=list)  # arrival -> first token, new ones
 
 
 class TierCollector(Collector):
@@ -36,9 +36,11 @@ class TierCollector(Collector):
         self.tiers = tiers
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        for what, doc in (("hits", "Adapter versions wanted and already in the tier"),
-                          ("loads", "Adapter versions brought into the tier from the one below"),
-                          ("evictions", "Adapter versions pushed out of the tier to make room")):
+        for what, doc in (
+            ("hits", "Adapter versions wanted and already in the tier"),
+            ("loads", "Adapter versions brought into the tier from the one below"),
+            ("evictions", "Adapter versions pushed out of the tier to make room"),
+        ):
             family = CounterMetricFamily(f"adapter_tier_{what}", doc, labels=["tier"])
             for tier, counts in self.tiers.items():
                 family.add_metric([tier], getattr(counts, what))
@@ -49,15 +51,20 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("requests", "Finished requests by outcome "
-                                "(stop, length, abort, error, rejected)", ["outcome"], registry=r)
+        self.requests = Counter(
+            "requests", "Finished requests by outcome (stop, length, abort, error, rejected)", ["outcome"], registry=r
+        )
         self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("generation_tokens", "Tokens generated", registry=r)
-        self.time_to_first_token = Histogram("time_to_first_token_seconds", "Arrival to first token",
-                                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.time_per_output_token = Histogram("time_per_output_token_seconds",
-                                               "Mean gap between output tokens of a request",
-                                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.time_to_first_token = Histogram(
+            "time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.time_per_output_token = Histogram(
+            "time_per_output_token_seconds",
+            "Mean gap between output tokens of a request",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("queue_depth", "Requests waiting for admission", registry=r)
         self.running_sequences = Gauge("running_sequences", "Sequences holding a KV slot", registry=r)
         self.kv_cache_usage = Gauge("kv_cache_usage_ratio", "Fraction of KV cache slots in use", registry=r)
@@ -67,18 +74,33 @@ class Metrics:
         self.merge_seconds = Counter("phase_merge_seconds", "Time spent merging adapters", registry=r)
         self.restore_seconds = Counter("phase_restore_seconds", "Time spent restoring base weights", registry=r)
         self.phase_seconds = Counter("phase_seconds", "Engine step time by phase", ["phase"], registry=r)
-        self.step_seconds = Histogram("engine_step_seconds", "Wall time of one engine step",
-                                      buckets=_LATENCY_BUCKETS, registry=r)
-        self.adapter_load_seconds = Histogram("adapter_load_seconds", "Time to bring one adapter version into "
-                                              "a tier (host: read + parse from disk; slot: pack into a device "
-                                              "slot)", ["tier"], buckets=_LOAD_BUCKETS, registry=r)
+        self.step_seconds = Histogram(
+            "engine_step_seconds", "Wall time of one engine step", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.adapter_load_seconds = Histogram(
+            "adapter_load_seconds",
+            "Time to bring one adapter version into "
+            "a tier (host: read + parse from disk; slot: pack into a device "
+            "slot)",
+            ["tier"],
+            buckets=_LOAD_BUCKETS,
+            registry=r,
+        )
         self._phase_seen = PhaseCounts()
 
     def watch_tiers(self, tiers: dict[str, TierCounts]) -> None:
         self.registry.register(TierCollector(tiers))
 
-    def observe(self, step: StepReport | None, finished: list[tuple[str, float | None]], waiting: int,
-                running: int, kv_used_ratio: float, phase: str, phase_counts: PhaseCounts) -> None:
+    def observe(
+        self,
+        step: StepReport | None,
+        finished: list[tuple[str, float | None]],
+        waiting: int,
+        running: int,
+        kv_used_ratio: float,
+        phase: str,
+        phase_counts: PhaseCounts,
+    ) -> None:
         """The engine's one report: a step (if one ran), requests that ended, and its gauges."""
         if step is not None:
             self.prompt_tokens.inc(step.prompt_tokens)
@@ -95,8 +117,10 @@ class Metrics:
         self.running_sequences.set(running)
         self.kv_cache_usage.set(kv_used_ratio)
         self.phase_merged.set(0 if phase == "gathered" else 1)
-        seen, self._phase_seen = self._phase_seen, PhaseCounts(**{f: getattr(phase_counts, f)
-                                                                   for f in PhaseCounts.__slots__})
+        seen, self._phase_seen = (
+            self._phase_seen,
+            PhaseCounts(**{f: getattr(phase_counts, f) for f in PhaseCounts.__slots__}),
+        )
         self.merges.inc(phase_counts.merges - seen.merges)
         self.restores.inc(phase_counts.restores - seen.restores)
         self.merge_seconds.inc(phase_counts.merge_seconds - seen.merge_seconds)

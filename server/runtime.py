@@ -76,37 +76,65 @@ def build_runtime(config: ServerConfig) -> Runtime:
     model_config = load_model_config(config.model)
     max_len = config.engine.max_model_len or min(model_config.max_position_embeddings, 4096)
     if max_len > model_config.max_position_embeddings and model_config.rope_scaling is None:
-        raise ModelLoadError(f"max_model_len {max_len} exceeds the model's context "
-                             f"({model_config.max_position_embeddings})")
+        raise ModelLoadError(
+            f"max_model_len {max_len} exceeds the model's context ({model_config.max_position_embeddings})"
+        )
     started = time.perf_counter()
     model = load_model(config.model, dtype, max_len, device)
     tokenizer = TextTokenizer(config.model)
     per_slot = bytes_per_slot(model_config, max_len, dtype)
     num_slots = min(config.engine.max_num_seqs, int(config.engine.kv_cache_gb * 2**30) // per_slot)
     if num_slots < 1:
-        raise ModelLoadError(f"kv_cache_gb={config.engine.kv_cache_gb} cannot hold one sequence of {max_len} "
-                             f"tokens ({per_slot / 2**30:.2f} GiB); raise it or lower max_model_len")
+        raise ModelLoadError(
+            f"kv_cache_gb={config.engine.kv_cache_gb} cannot hold one sequence of {max_len} "
+            f"tokens ({per_slot / 2**30:.2f} GiB); raise it or lower max_model_len"
+        )
     kv_cache = KVCache.allocate(model_config, num_slots, max_len, dtype, device)
     metrics = Metrics()
     adapter_cfg = config.adapters
     linears = model.adapted_linears()
-    base = FrozenBase.capture(linears)   # before anything can merge: the weights as loaded
+    base = FrozenBase.capture(linears)  # before anything can merge: the weights as loaded
     spec = base_model_spec(linears, base, adapter_cfg.max_rank, int(adapter_cfg.max_upload_mb * 2**20))
     cache = HostCache(int(adapter_cfg.host_cache_gb * 2**30))
-    service = AdapterService(AdapterStore(config.adapters_dir), AdapterRegistry(), cache, spec,
-                             observe_load_seconds=metrics.adapter_load_seconds.labels("host").observe)
+    service = AdapterService(
+        AdapterStore(config.adapters_dir),
+        AdapterRegistry(),
+        cache,
+        spec,
+        observe_load_seconds=metrics.adapter_load_seconds.labels("host").observe,
+    )
     recovered = service.recover()
     table = SlotTable(adapter_cfg.max_slots)
     metrics.watch_tiers({"slot": table.counts, "host": cache.counts})
     scheduler = Scheduler(KVSlotAllocator(num_slots), config.engine.max_batched_tokens, table, cache)
     eos = frozenset(model_config.eos_token_ids)
     kernel_backend = resolve_kernel_backend(device)
-    manager = AdapterManager(table, cache, linears, base, dtype, device, backend=kernel_backend,
-                             max_step_tokens=config.engine.max_batched_tokens)
-    runner = ModelRunner(model, kv_cache, manager, observe_slot_load=metrics.adapter_load_seconds.labels("slot").observe)
+    manager = AdapterManager(
+        table,
+        cache,
+        linears,
+        base,
+        dtype,
+        device,
+        backend=kernel_backend,
+        max_step_tokens=config.engine.max_batched_tokens,
+    )
+    runner = ModelRunner(
+        model, kv_cache, manager, observe_slot_load=metrics.adapter_load_seconds.labels("slot").observe
+    )
     phases = PhaseController(PhasePolicy(max_wait_s=adapter_cfg.max_merge_wait_ms / 1000), manager)
     engine = Engine(runner, scheduler, tokenizer, metrics, max_len, eos, phases)
-    log.info("loaded %s (%s on %s) in %.1fs: %d KV slots x %d tokens, %d threads, %d adapters in %s, "
-             "kernel backend %s", config.model, dtype, device, time.perf_counter() - started, num_slots, max_len,
-             torch.get_num_threads(), recovered, config.adapters_dir, describe_backend(kernel_backend, device))
+    log.info(
+        "loaded %s (%s on %s) in %.1fs: %d KV slots x %d tokens, %d threads, %d adapters in %s, kernel backend %s",
+        config.model,
+        dtype,
+        device,
+        time.perf_counter() - started,
+        num_slots,
+        max_len,
+        torch.get_num_threads(),
+        recovered,
+        config.adapters_dir,
+        describe_backend(kernel_backend, device),
+    )
     return Runtime(config, model, tokenizer, engine, metrics, service, max_len, num_slots, dtype, device)

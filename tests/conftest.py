@@ -24,15 +24,19 @@ def demo_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def demo_runtime(demo_model_dir: Path, tmp_path_factory) -> Runtime:
     """float32 SmolLM2 runtime whose engine is driven by hand (never started as a thread)."""
-    config = ServerConfig(model=demo_model_dir, dtype="float32", adapters_dir=tmp_path_factory.mktemp("adapters"),
-                          engine=EngineConfig(max_model_len=512, max_num_seqs=8, max_batched_tokens=256,
-                                              kv_cache_gb=1.0))
+    config = ServerConfig(
+        model=demo_model_dir,
+        dtype="float32",
+        adapters_dir=tmp_path_factory.mktemp("adapters"),
+        engine=EngineConfig(max_model_len=512, max_num_seqs=8, max_batched_tokens=256, kv_cache_gb=1.0),
+    )
     return build_runtime(config)
 
 
 @pytest.fixture(scope="session")
 def hf_demo_model(demo_model_dir: Path):
     from transformers import LlamaForCausalLM
+
     return LlamaForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32).eval()
 
 
@@ -65,8 +69,7 @@ class Collector:
 def make_request(request_id: str, prompt_ids: list[int], **params) -> tuple[Request, Collector]:
     sink = Collector()
     params.setdefault("max_tokens", 16)
-    return Request(request_id, prompt_ids, SamplingParams(**params), emit=sink,
-                   arrival_time=time.perf_counter()), sink
+    return Request(request_id, prompt_ids, SamplingParams(**params), emit=sink, arrival_time=time.perf_counter()), sink
 
 
 def drive(runtime: Runtime, schedule: dict[int, list[Request]], max_steps: int = 2000) -> None:
@@ -74,7 +77,7 @@ def drive(runtime: Runtime, schedule: dict[int, list[Request]], max_steps: int =
     engine = runtime.engine
     step, admitted = 0, -1
     while step < max_steps:
-        if admitted < step:   # a step that could not run yet (merged phase, adapter loading) is retried
+        if admitted < step:  # a step that could not run yet (merged phase, adapter loading) is retried
             for request in schedule.get(step, []):
                 engine.admit(request)
             admitted = step
@@ -90,9 +93,18 @@ def drive(runtime: Runtime, schedule: dict[int, list[Request]], max_steps: int =
 def build_tiny_llama(path: Path, seed: int = 0, **overrides) -> Path:
     """A random Llama-family checkpoint directory (weights only) for exactness tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    fields = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=300, max_position_embeddings=256, tie_word_embeddings=False)
+    fields = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     fields.update(overrides)
     model = LlamaForCausalLM(LlamaConfig(**fields))
     with torch.no_grad():  # make biases (when present) non-trivial
@@ -108,8 +120,14 @@ def tiny_served_model_dir(demo_model_dir: Path, tmp_path_factory) -> Path:
     """A random two-layer Llama with the demo model's tokenizer and chat template: a server on it
     answers in milliseconds, for tests that send many requests (hostile input, fuzzing)."""
     import shutil
-    path = build_tiny_llama(tmp_path_factory.mktemp("tiny-served"), vocab_size=49152, bos_token_id=1,
-                            eos_token_id=2, max_position_embeddings=512)
+
+    path = build_tiny_llama(
+        tmp_path_factory.mktemp("tiny-served"),
+        vocab_size=49152,
+        bos_token_id=1,
+        eos_token_id=2,
+        max_position_embeddings=512,
+    )
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         if (demo_model_dir / name).exists():
             shutil.copy(demo_model_dir / name, path / name)

@@ -32,8 +32,22 @@ def wait_until(predicate: Callable[[], bool], seconds: float, what: str) -> None
 def live_server(model_dir: Path, adapters_dir: Path, *flags: str) -> Iterator[str]:
     """Yield the base URL of a server process serving `model_dir` in float32; stop it afterwards."""
     port = free_port()
-    cmd = [sys.executable, "-m", "server", "--model", str(model_dir), "--dtype", "float32", "--port", str(port),
-           "--adapters-dir", str(adapters_dir), "--log-level", "warning", *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "server",
+        "--model",
+        str(model_dir),
+        "--dtype",
+        "float32",
+        "--port",
+        str(port),
+        "--adapters-dir",
+        str(adapters_dir),
+        "--log-level",
+        "warning",
+        *flags,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 

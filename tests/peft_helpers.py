@@ -33,9 +33,11 @@ def perturb(peft_model, seed: int, scale: float) -> None:
                 p.copy_(scale * noise)
 
 
-def save_peft_adapter(base_model, config, out_dir: Path, seed: int, scale: float = 0.02,
-                      rank_pattern: dict | None = None) -> tuple[bytes, bytes]:
+def save_peft_adapter(
+    base_model, config, out_dir: Path, seed: int, scale: float = 0.02, rank_pattern: dict | None = None
+) -> tuple[bytes, bytes]:
     from peft import get_peft_model
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(copy.deepcopy(base_model), config)
@@ -48,6 +50,7 @@ def save_peft_adapter(base_model, config, out_dir: Path, seed: int, scale: float
 
 def load_peft(base_model, adapter_dir: Path):
     from peft import PeftModel
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return PeftModel.from_pretrained(copy.deepcopy(base_model), adapter_dir).eval()
@@ -56,8 +59,10 @@ def load_peft(base_model, adapter_dir: Path):
 def train_adalora(base_model, out_dir: Path, steps: int = 6) -> tuple[bytes, bytes]:
     """A few real AdaLoRA training steps, so the saved rank pattern comes from its own allocator."""
     from peft import AdaLoraConfig, get_peft_model
-    config = AdaLoraConfig(init_r=6, target_r=2, lora_alpha=12, tinit=1, tfinal=1, deltaT=1, total_step=steps,
-                           target_modules=ALL_TARGETS)
+
+    config = AdaLoraConfig(
+        init_r=6, target_r=2, lora_alpha=12, tinit=1, tfinal=1, deltaT=1, total_step=steps, target_modules=ALL_TARGETS
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = get_peft_model(copy.deepcopy(base_model), config)
@@ -100,7 +105,16 @@ def our_logits(model: LlamaModel, ids: torch.Tensor, parsed=None) -> torch.Tenso
         manager = AdapterManager(table, cache, linears, FrozenBase.capture(linears), torch.float32)
         manager.load_pending()
         adapters = manager.plan([TokenGroup(0, 0, n)], n)
-    ctx = ForwardContext(input_ids=ids, positions=torch.arange(n), kv_slots=torch.zeros(n, dtype=torch.long),
-                         num_decode=0, decode_slots=slice(0, 0), decode_mask=None, decode_attn_order=None,
-                         prefills=[PrefillSegment(0, n, 0, 0)], logits_rows=torch.arange(n), adapters=adapters)
+    ctx = ForwardContext(
+        input_ids=ids,
+        positions=torch.arange(n),
+        kv_slots=torch.zeros(n, dtype=torch.long),
+        num_decode=0,
+        decode_slots=slice(0, 0),
+        decode_mask=None,
+        decode_attn_order=None,
+        prefills=[PrefillSegment(0, n, 0, 0)],
+        logits_rows=torch.arange(n),
+        adapters=adapters,
+    )
     return model(ctx, keys, values)

@@ -25,8 +25,10 @@ from tests.conftest import drive, make_request
 P = "base_model.model.model.layers."
 MB = 2**20
 RSS_MARGIN = 100 * MB
-glibc_trim = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-                                reason="RSS checks need /proc and glibc's malloc_trim")
+glibc_trim = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="RSS checks need /proc and glibc's malloc_trim",
+)
 
 
 # ---- HostCache unit tests ------------------------------------------------------------------------
@@ -42,7 +44,7 @@ def test_discard_unheld_drops_at_once():
     assert len(cache) == 2 and cache.nbytes == 150
     cache.discard("a")
     assert "a" not in cache and "b" in cache and cache.nbytes == 50 and not cache.is_discarded("a")
-    cache.discard("a")          # already gone: no-op
+    cache.discard("a")  # already gone: no-op
     cache.discard("never-seen")
     assert len(cache) == 1 and cache.nbytes == 50
 
@@ -65,7 +67,7 @@ def test_put_cancels_pending_discard():
     cache.put("a", Fake(100))
     assert cache.hold("a")
     cache.discard("a")
-    cache.put("a", Fake(100))   # the same content published again (same version)
+    cache.put("a", Fake(100))  # the same content published again (same version)
     assert not cache.is_discarded("a") and cache.nbytes == 100 and len(cache) == 1
     cache.release("a")
     assert "a" in cache and cache.nbytes == 100
@@ -75,15 +77,15 @@ def test_running_total_and_lru_eviction_skip_held():
     cache = HostCache(max_bytes=250)
     for version in "abc":
         cache.put(version, Fake(100))
-    assert [v for v in "abc" if v in cache] == ["b", "c"] and cache.nbytes == 200   # a was LRU
+    assert [v for v in "abc" if v in cache] == ["b", "c"] and cache.nbytes == 200  # a was LRU
     assert cache.hold("b")
-    cache.put("c", Fake(120))   # replacing an entry replaces its bytes
+    cache.put("c", Fake(120))  # replacing an entry replaces its bytes
     assert cache.nbytes == 220
-    cache.put("d", Fake(100))   # c is LRU and unheld; b is held
+    cache.put("d", Fake(100))  # c is LRU and unheld; b is held
     assert [v for v in "bcd" if v in cache] == ["b", "d"] and cache.nbytes == 200
-    assert not cache.hold("e")                      # a miss: the loader brings it in
+    assert not cache.hold("e")  # a miss: the loader brings it in
     loaded = Fake(100)
-    cache.fill("e", loaded)                         # over budget with b, e held
+    cache.fill("e", loaded)  # over budget with b, e held
     assert cache.get("e") is loaded and "d" not in cache and cache.nbytes == 200
     cache.release("b")
     cache.release("e")
@@ -99,12 +101,12 @@ def test_trim_only_after_enough_dropped_bytes(monkeypatch):
     cache.discard("v0")
     cache.discard("v1")
     cache.discard("v2")
-    assert calls == []          # 900 bytes dropped
+    assert calls == []  # 900 bytes dropped
     assert cache.hold("v3")
     cache.discard("v3")
-    assert calls == []          # held: nothing dropped yet
+    assert calls == []  # held: nothing dropped yet
     cache.release("v3")
-    assert calls == [1] and cache.trims == 1   # 1200 bytes dropped: one trim, counter reset
+    assert calls == [1] and cache.trims == 1  # 1200 bytes dropped: one trim, counter reset
     cache.discard("v4")
     assert calls == [1] and len(cache) == 0 and cache.nbytes == 0
 
@@ -118,15 +120,27 @@ def rss() -> int:
     raise AssertionError("no VmRSS in /proc/self/status")
 
 
-CONFIG = json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 16, "bias": "none", "task_type": "CAUSAL_LM",
-                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}).encode()
+CONFIG = json.dumps(
+    {
+        "peft_type": "LORA",
+        "r": 16,
+        "lora_alpha": 16,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    }
+).encode()
 
 
 class LoraR16:
     """LoRA r16 on q,k,v,o of SmolLM2 (7.4 MB); `weights(k)` is a distinct adapter for every k."""
 
-    SHAPES = {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576),
-              "self_attn.v_proj": (192, 576), "self_attn.o_proj": (576, 576)}
+    SHAPES = {
+        "self_attn.q_proj": (576, 576),
+        "self_attn.k_proj": (192, 576),
+        "self_attn.v_proj": (192, 576),
+        "self_attn.o_proj": (576, 576),
+    }
 
     def __init__(self, seed: int = 0, scale: float = 0.05) -> None:
         g = torch.Generator().manual_seed(seed)
@@ -145,10 +159,15 @@ class LoraR16:
 @pytest.fixture(scope="module")
 def runtime(demo_model_dir, tmp_path_factory):
     """Engine driven by hand; host cache far above what the tests upload, so only discards drop."""
-    return build_runtime(ServerConfig(
-        model=demo_model_dir, dtype="float32", adapters_dir=tmp_path_factory.mktemp("memory-adapters"),
-        engine=EngineConfig(max_model_len=256, max_num_seqs=2, max_batched_tokens=128, kv_cache_gb=0.05),
-        adapters=AdapterConfig(host_cache_gb=8.0)))
+    return build_runtime(
+        ServerConfig(
+            model=demo_model_dir,
+            dtype="float32",
+            adapters_dir=tmp_path_factory.mktemp("memory-adapters"),
+            engine=EngineConfig(max_model_len=256, max_num_seqs=2, max_batched_tokens=128, kv_cache_gb=0.05),
+            adapters=AdapterConfig(host_cache_gb=8.0),
+        )
+    )
 
 
 def upload(runtime, adapter_id: str, weights: bytes) -> str:
@@ -163,13 +182,13 @@ def assert_cache_empty(runtime) -> None:
 @glibc_trim
 def test_upload_delete_rounds_return_memory(runtime):
     lora, service = LoraR16(), runtime.adapters
-    for k in range(10):         # warm up allocator arenas and the upload worker
+    for k in range(10):  # warm up allocator arenas and the upload worker
         upload(runtime, "warm", lora.weights(-1 - k))
     service.delete("warm")
     assert_cache_empty(runtime)
     start = rss()
 
-    for k in range(300):        # upload + delete
+    for k in range(300):  # upload + delete
         upload(runtime, f"round-{k}", lora.weights(k))
         service.delete(f"round-{k}")
     assert_cache_empty(runtime)
@@ -177,13 +196,13 @@ def test_upload_delete_rounds_return_memory(runtime):
     print(f"RSS {start / MB:.0f} MB at start, {grown / MB:+.0f} MB after 300 upload+delete rounds")
     assert grown < RSS_MARGIN, f"RSS grew {grown / MB:.0f} MB over 300 upload+delete rounds"
 
-    for k in range(50):         # hot swaps: each re-upload replaces the previous version
+    for k in range(50):  # hot swaps: each re-upload replaces the previous version
         upload(runtime, "swapped", lora.weights(1000 + k))
     assert len(service.cache) == 1
     service.delete("swapped")
     assert_cache_empty(runtime)
 
-    for k in range(40):         # 300 MB cached at once, then deleted: the heap must shrink back
+    for k in range(40):  # 300 MB cached at once, then deleted: the heap must shrink back
         upload(runtime, f"batch-{k}", lora.weights(2000 + k))
     assert service.cache.nbytes == 40 * 7372800
     held = rss() - start
@@ -210,7 +229,7 @@ def test_held_version_survives_delete_until_released(runtime):
     drive(runtime, {0: [reference]})
     base, base_sink = _request(runtime, "base", None)
     drive(runtime, {0: [base]})
-    assert ref_sink.token_ids != base_sink.token_ids     # the adapter changes the answer
+    assert ref_sink.token_ids != base_sink.token_ids  # the adapter changes the answer
 
     request, sink = _request(runtime, "holding", "held")
     service.delete("held")
@@ -244,10 +263,10 @@ def test_version_shared_by_two_ids_stays_until_both_are_gone(runtime):
     service, cache = runtime.adapters, runtime.adapters.cache
     weights = LoraR16(seed=4).weights(0)
     first, second = upload(runtime, "twin-a", weights), upload(runtime, "twin-b", weights)
-    assert first == second and len(cache) == 1        # same content, same version
+    assert first == second and len(cache) == 1  # same content, same version
     service.delete("twin-a")
     assert first in cache and not cache.is_discarded(first)
-    upload(runtime, "twin-b", weights)                # re-upload of identical content: no change
+    upload(runtime, "twin-b", weights)  # re-upload of identical content: no change
     assert first in cache
     service.delete("twin-b")
     assert_cache_empty(runtime)

@@ -32,9 +32,15 @@ def adapters_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def app(demo_model_dir, adapters_dir):
-    runtime = build_runtime(ServerConfig(model=demo_model_dir, dtype="float32", adapters_dir=adapters_dir,
-                                         engine=EngineConfig(max_model_len=256, max_num_seqs=4, kv_cache_gb=0.3),
-                                         adapters=AdapterConfig(max_rank=64, max_upload_mb=2)))
+    runtime = build_runtime(
+        ServerConfig(
+            model=demo_model_dir,
+            dtype="float32",
+            adapters_dir=adapters_dir,
+            engine=EngineConfig(max_model_len=256, max_num_seqs=4, kv_cache_gb=0.3),
+            adapters=AdapterConfig(max_rank=64, max_upload_mb=2),
+        )
+    )
     return create_app(runtime)
 
 
@@ -46,8 +52,14 @@ async def client(app):
 
 
 def lora_config(**overrides) -> dict:
-    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
-              "bias": "none", "task_type": "CAUSAL_LM"}
+    config = {
+        "peft_type": "LORA",
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj"],
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+    }
     config.update(overrides)
     return config
 
@@ -65,13 +77,17 @@ def lora_tensors(rank: int = 4, seed: int = 0, layers: range = range(2)) -> dict
 def files(config: dict | bytes | None = None, tensors: dict | bytes | None = None, adapter_id: str = "good"):
     config_bytes = config if isinstance(config, bytes) else json.dumps(config or lora_config()).encode()
     weights = tensors if isinstance(tensors, bytes) else save(tensors or lora_tensors())
-    return {"adapter_id": adapter_id}, {"config": ("adapter_config.json", config_bytes),
-                                        "weights": ("adapter_model.safetensors", weights)}
+    return {"adapter_id": adapter_id}, {
+        "config": ("adapter_config.json", config_bytes),
+        "weights": ("adapter_model.safetensors", weights),
+    }
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 async def test_upload_list_get_generate_delete(client):
@@ -152,8 +168,11 @@ BAD_UPLOADS = {
     "reserved id": (files(adapter_id="CURRENT"), 400, "reserved"),
     "reserved id any case": (files(adapter_id="current"), 400, "reserved"),
     "target embed_tokens": (files(config=lora_config(target_modules=["embed_tokens"])), 422, "embed_tokens"),
-    "target lm_head without tensors": (files(config=lora_config(target_modules=["lm_head", "q_proj", "v_proj"])),
-                                       422, "lm_head"),
+    "target lm_head without tensors": (
+        files(config=lora_config(target_modules=["lm_head", "q_proj", "v_proj"])),
+        422,
+        "lm_head",
+    ),
     "targets miss file layers": (files(config=lora_config(target_modules=["q_proj"])), 422, "v_proj"),
     "layer 999": (files(config=lora_config(layers_to_transform=[999])), 422, "999"),
     "alpha 1e308": (files(config=lora_config(lora_alpha=1e308)), 422, "alpha"),
@@ -187,17 +206,21 @@ async def test_cross_site_upload_is_refused(client, adapters_dir):
     r = await client.delete("/adapters/good", headers={"origin": "null"})
     assert r.status_code == 403
     assert snapshot(adapters_dir) == before
-    preflight = await client.options("/generate", headers={"origin": "http://evil.example",
-                                                           "access-control-request-method": "POST"})
+    preflight = await client.options(
+        "/generate", headers={"origin": "http://evil.example", "access-control-request-method": "POST"}
+    )
     assert "access-control-allow-origin" not in preflight.headers
 
 
-@pytest.mark.parametrize("request_kwargs,needle", [
-    ({"data": {"adapter_id": "x"}}, "multipart"),
-    ({"data": {"adapter_id": "x"}, "files": {"config": ("c.json", b"{}")}}, "weights"),
-    ({"files": files()[1]}, "adapter_id"),
-    ({"content": b"--zz\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=zz"}}, ""),
-])
+@pytest.mark.parametrize(
+    "request_kwargs,needle",
+    [
+        ({"data": {"adapter_id": "x"}}, "multipart"),
+        ({"data": {"adapter_id": "x"}, "files": {"config": ("c.json", b"{}")}}, "weights"),
+        ({"files": files()[1]}, "adapter_id"),
+        ({"content": b"--zz\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=zz"}}, ""),
+    ],
+)
 async def test_malformed_multipart_is_400(client, adapters_dir, request_kwargs, needle):
     before = snapshot(adapters_dir)
     r = await client.post("/adapters", **request_kwargs)

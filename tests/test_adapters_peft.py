@@ -7,16 +7,22 @@ import torch
 
 from server.model.loader import load_model
 from tests.conftest import build_tiny_llama, drive, make_request
-from tests.peft_helpers import pristine, ALL_TARGETS, load_peft, our_logits, save_peft_adapter, train_adalora
+from tests.peft_helpers import ALL_TARGETS, load_peft, our_logits, pristine, save_peft_adapter, train_adalora
 
 
 def _smol_configs():
     from peft import LoraConfig
+
     return {
         "lora-all7": LoraConfig(r=8, lora_alpha=16, target_modules=ALL_TARGETS),
-        "rslora-patterns": LoraConfig(r=16, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj",
-                                      "v_proj", "o_proj"], rank_pattern={"k_proj": 4, "layers.3.self_attn.q_proj": 2},
-                                      alpha_pattern={"v_proj": 32}),
+        "rslora-patterns": LoraConfig(
+            r=16,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            rank_pattern={"k_proj": 4, "layers.3.self_attn.q_proj": 2},
+            alpha_pattern={"v_proj": 32},
+        ),
         "dora": LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
     }
 
@@ -33,8 +39,10 @@ def smol_adapters(demo_runtime, hf_demo_model, tmp_path_factory):
         out[name] = (info, load_peft(hf_demo_model, d))
     d = tmp_path_factory.mktemp("adalora")
     config_bytes, weights = train_adalora(hf_demo_model, d, steps=4)
-    out["adalora-trained"] = (demo_runtime.adapters.upload("smol-adalora", config_bytes, weights),
-                              load_peft(hf_demo_model, d))
+    out["adalora-trained"] = (
+        demo_runtime.adapters.upload("smol-adalora", config_bytes, weights),
+        load_peft(hf_demo_model, d),
+    )
     return out
 
 
@@ -61,8 +69,9 @@ def test_smollm2_greedy_tokens_match_peft(demo_runtime, smol_adapters, name):
     info, peft_model = smol_adapters[name]
     ids = demo_runtime.tokenizer.encode_chat([{"role": "user", "content": "Tell me about cats."}])
     with torch.no_grad():
-        expected = peft_model.generate(input_ids=torch.tensor([ids]), max_new_tokens=16, do_sample=False,
-                                       eos_token_id=2, pad_token_id=2)[0, len(ids):].tolist()
+        expected = peft_model.generate(
+            input_ids=torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=2, pad_token_id=2
+        )[0, len(ids) :].tolist()
     if 2 in expected:
         expected = expected[: expected.index(2) + 1]
     version = demo_runtime.adapters.resolve(info.adapter_id)
@@ -95,8 +104,9 @@ def test_tiny_llama_with_biases_matches_peft(tmp_path, case):
     config = {
         "lora-bias": LoraConfig(r=4, lora_alpha=8, lora_bias=True, target_modules=ALL_TARGETS),
         "dora-with-base-bias": LoraConfig(r=6, lora_alpha=12, use_dora=True, target_modules=ALL_TARGETS),
-        "rslora": LoraConfig(r=8, lora_alpha=4, use_rslora=True, target_modules=ALL_TARGETS,
-                             rank_pattern={"o_proj": 3}),
+        "rslora": LoraConfig(
+            r=8, lora_alpha=4, use_rslora=True, target_modules=ALL_TARGETS, rank_pattern={"o_proj": 3}
+        ),
         "adalora": AdaLoraConfig(init_r=5, target_r=2, lora_alpha=6, total_step=10, target_modules=ALL_TARGETS),
     }[case]
     adapter_dir = tmp_path / "adapter"

@@ -14,14 +14,17 @@ from tests.peft_helpers import ALL_TARGETS, save_peft_adapter, train_adalora
 def adapter_files(hf_demo_model, tmp_path_factory):
     """Five adapters of different kinds and ranks: name -> (config bytes, weights bytes)."""
     from peft import LoraConfig
+
     configs = {
         "lora-r4-qv": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
         "lora-r16-qkvo": LoraConfig(r=16, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
         "rslora-r8-all": LoraConfig(r=8, lora_alpha=6, use_rslora=True, target_modules=ALL_TARGETS),
         "dora-r2-mlp": LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["gate_proj", "down_proj"]),
     }
-    files = {name: save_peft_adapter(hf_demo_model, cfg, tmp_path_factory.mktemp(name), seed=40 + i, scale=0.06)
-             for i, (name, cfg) in enumerate(configs.items())}
+    files = {
+        name: save_peft_adapter(hf_demo_model, cfg, tmp_path_factory.mktemp(name), seed=40 + i, scale=0.06)
+        for i, (name, cfg) in enumerate(configs.items())
+    }
     files["adalora"] = train_adalora(hf_demo_model, tmp_path_factory.mktemp("adalora-mix"), steps=4)
     return files
 
@@ -49,14 +52,16 @@ def _alone(runtime, adapter_id: str | None, text: str, max_tokens: int = 10) -> 
 
 
 def test_mixed_batch_rows_equal_each_request_alone(demo_runtime, uploaded):
-    jobs = [(None, "What is rain?")] + [(info.adapter_id, f"Describe item {i}.") for i, info in
-                                         enumerate(uploaded.values())] + [(None, "Hello!"),
-                                                                          (uploaded["lora-r4-qv"].adapter_id, "Why?")]
+    jobs = (
+        [(None, "What is rain?")]
+        + [(info.adapter_id, f"Describe item {i}.") for i, info in enumerate(uploaded.values())]
+        + [(None, "Hello!"), (uploaded["lora-r4-qv"].adapter_id, "Why?")]
+    )
     expected = [_alone(demo_runtime, adapter_id, text) for adapter_id, text in jobs]
     assert len({tuple(e) for e in expected}) == len(expected)
     schedule: dict[int, list] = {}
     sinks = []
-    for i, (adapter_id, text) in enumerate(jobs):   # admitted at different steps: prefills meet decodes
+    for i, (adapter_id, text) in enumerate(jobs):  # admitted at different steps: prefills meet decodes
         request, sink = _request(demo_runtime, f"mix{i}", adapter_id, text)
         schedule.setdefault(i % 3, []).append(request)
         sinks.append(sink)
@@ -82,14 +87,15 @@ def test_hot_swap_mid_stream_keeps_old_weights_for_running_request(demo_runtime,
     assert v2 != v1 and service.get("swap").version == v2
     new, new_sink = _request(demo_runtime, "new", "swap", "Tell me a story.", 12)
     drive(demo_runtime, {0: [new]})
-    assert old_sink.token_ids == old_alone                     # finished on the version it started with
+    assert old_sink.token_ids == old_alone  # finished on the version it started with
     assert new_sink.token_ids == _alone(demo_runtime, "swap", "Tell me a story.", 12)
     assert new_sink.token_ids != old_sink.token_ids
-    assert service.store.versions("swap") == [v2]              # the old version's files are gone
+    assert service.store.versions("swap") == [v2]  # the old version's files are gone
 
 
 def test_delete_while_running_finishes_then_404(demo_runtime, adapter_files):
     from adapters_store import AdapterNotFound
+
     service = demo_runtime.adapters
     service.upload("doomed", *adapter_files["rslora-r8-all"])
     expected = _alone(demo_runtime, "doomed", "Count to five.")
@@ -104,11 +110,16 @@ def test_delete_while_running_finishes_then_404(demo_runtime, adapter_files):
     assert "doomed" not in service.store.scan()
 
 
-def test_adapter_slot_pressure_makes_requests_wait_not_mix_weights(demo_model_dir, uploaded, demo_runtime,
-                                                                   tmp_path):
-    small = build_runtime(ServerConfig(model=demo_model_dir, dtype="float32", adapters_dir=tmp_path,
-                                       engine=EngineConfig(max_model_len=256, max_num_seqs=6, kv_cache_gb=0.3),
-                                       adapters=AdapterConfig(max_slots=2)))
+def test_adapter_slot_pressure_makes_requests_wait_not_mix_weights(demo_model_dir, uploaded, demo_runtime, tmp_path):
+    small = build_runtime(
+        ServerConfig(
+            model=demo_model_dir,
+            dtype="float32",
+            adapters_dir=tmp_path,
+            engine=EngineConfig(max_model_len=256, max_num_seqs=6, kv_cache_gb=0.3),
+            adapters=AdapterConfig(max_slots=2),
+        )
+    )
     names = ["lora-r4-qv", "lora-r16-qkvo", "rslora-r8-all", "dora-r2-mlp"]
     for name in names:
         files = demo_runtime.adapters.store.read(uploaded[name].adapter_id, uploaded[name].version)
@@ -125,8 +136,12 @@ def test_adapter_slot_pressure_makes_requests_wait_not_mix_weights(demo_model_di
 
 
 def test_restart_re_registers_adapters_and_cleans_partial_uploads(demo_model_dir, adapter_files, tmp_path):
-    config = ServerConfig(model=demo_model_dir, dtype="float32", adapters_dir=tmp_path,
-                          engine=EngineConfig(max_model_len=256, max_num_seqs=2, kv_cache_gb=0.2))
+    config = ServerConfig(
+        model=demo_model_dir,
+        dtype="float32",
+        adapters_dir=tmp_path,
+        engine=EngineConfig(max_model_len=256, max_num_seqs=2, kv_cache_gb=0.2),
+    )
     first = build_runtime(config)
     info = first.adapters.upload("keeper", *adapter_files["dora-r2-mlp"])
     expected = _alone(first, "keeper", "What is snow?")

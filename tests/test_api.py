@@ -14,9 +14,14 @@ from server.runtime import build_runtime
 
 @pytest.fixture(scope="module")
 def app(demo_model_dir, tmp_path_factory):
-    runtime = build_runtime(ServerConfig(model=demo_model_dir, dtype="float32",
-                                         adapters_dir=tmp_path_factory.mktemp("adapters"),
-                                         engine=EngineConfig(max_model_len=256, max_num_seqs=4, kv_cache_gb=0.5)))
+    runtime = build_runtime(
+        ServerConfig(
+            model=demo_model_dir,
+            dtype="float32",
+            adapters_dir=tmp_path_factory.mktemp("adapters"),
+            engine=EngineConfig(max_model_len=256, max_num_seqs=4, kv_cache_gb=0.5),
+        )
+    )
     return create_app(runtime)
 
 
@@ -37,8 +42,10 @@ def anyio_backend():
 
 
 async def test_generate_chat_answers_paris(client):
-    r = await client.post("/generate", json={"messages": [{"role": "user", "content": "What is the capital of France?"}],
-                                             "max_tokens": 20})
+    r = await client.post(
+        "/generate",
+        json={"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 20},
+    )
     assert r.status_code == 200
     body = r.json()
     assert "Paris" in body["text"]
@@ -65,8 +72,14 @@ async def test_stream_sends_deltas_then_final_then_done(client):
 
 
 async def test_stop_string_via_api(client):
-    r = await client.post("/generate", json={"messages": [{"role": "user", "content": "What is the capital of France?"}],
-                                             "max_tokens": 20, "stop": ["Paris"]})
+    r = await client.post(
+        "/generate",
+        json={
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 20,
+            "stop": ["Paris"],
+        },
+    )
     body = r.json()
     assert body["finish_reason"] == "stop" and "Paris" not in body["text"]
 
@@ -112,8 +125,15 @@ async def test_health_and_metrics(client):
     assert health["status"] == "ok" and health["dtype"] == "float32" and health["device"] == "cpu"
     assert health["kernel_backend"] == "torch"  # no CUDA here: chosen once at startup
     text = (await client.get("/metrics")).text
-    for name in ("requests_total", "prompt_tokens_total", "generation_tokens_total",
-                 "time_to_first_token_seconds_bucket", "time_per_output_token_seconds_bucket",
-                 "queue_depth", "running_sequences", "kv_cache_usage_ratio"):
+    for name in (
+        "requests_total",
+        "prompt_tokens_total",
+        "generation_tokens_total",
+        "time_to_first_token_seconds_bucket",
+        "time_per_output_token_seconds_bucket",
+        "queue_depth",
+        "running_sequences",
+        "kv_cache_usage_ratio",
+    ):
         assert name in text
     assert 'requests_total{outcome="length"}' in text

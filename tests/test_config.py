@@ -31,8 +31,16 @@ def test_flag_and_env_var(monkeypatch):
     assert config.torch_dtype(config.torch_device()) == torch.bfloat16
 
 
-@pytest.mark.parametrize("argv", [["--device", "gpu"], ["--device", "cuda:x"], ["--dtype", "float16"],
-                                  ["--max-num-seqs", "0"], ["--adapter-mode", "fast"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--device", "gpu"],
+        ["--device", "cuda:x"],
+        ["--dtype", "float16"],
+        ["--max-num-seqs", "0"],
+        ["--adapter-mode", "fast"],
+    ],
+)
 def test_bad_values_are_rejected_with_the_reason(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_args(argv)

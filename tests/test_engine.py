@@ -19,9 +19,10 @@ def _chat_ids(runtime, text: str) -> list[int]:
 
 
 def _hf_greedy(hf_model, ids: list[int], max_new: int) -> list[int]:
-    out = hf_model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False,
-                            eos_token_id=2, pad_token_id=2)
-    return out[0, len(ids):].tolist()
+    out = hf_model.generate(
+        torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, eos_token_id=2, pad_token_id=2
+    )
+    return out[0, len(ids) :].tolist()
 
 
 def _alone(runtime, ids: list[int], **params) -> list[int]:
@@ -32,6 +33,7 @@ def _alone(runtime, ids: list[int], **params) -> list[int]:
 
 def test_chat_template_ids_match_transformers(demo_runtime, demo_model_dir):
     from transformers import AutoTokenizer
+
     hf_tok = AutoTokenizer.from_pretrained(demo_model_dir)
     for text in CHAT_PROMPTS:
         messages = [{"role": "user", "content": text}]
@@ -50,16 +52,20 @@ def test_greedy_matches_transformers_generate(demo_runtime, hf_demo_model, promp
 
 
 def test_capital_of_france_is_paris(demo_runtime):
-    request, sink = make_request("paris", _chat_ids(demo_runtime, "What is the capital of France?"),
-                                 max_tokens=20)
+    request, sink = make_request("paris", _chat_ids(demo_runtime, "What is the capital of France?"), max_tokens=20)
     drive(demo_runtime, {0: [request]})
     assert "Paris" in sink.text
     assert sink.finish_reason == "stop"
 
 
 def test_staggered_batch_equals_each_request_alone(demo_runtime):
-    prompts = ["Tell me about the moon.", "Hi", "Explain photosynthesis in detail, step by step, please.",
-               "What is 2+2?", "Name a famous painter and one of their works."]
+    prompts = [
+        "Tell me about the moon.",
+        "Hi",
+        "Explain photosynthesis in detail, step by step, please.",
+        "What is 2+2?",
+        "Name a famous painter and one of their works.",
+    ]
     ids = [_chat_ids(demo_runtime, p) for p in prompts]
     alone = [_alone(demo_runtime, x, max_tokens=12, ignore_eos=True) for x in ids]
     schedule: dict[int, list] = {}
@@ -80,16 +86,17 @@ def test_long_prompt_is_prefilled_in_chunks_and_matches(demo_runtime):
     long, sink_long = make_request("long", ids, max_tokens=6, ignore_eos=True)
     drive(demo_runtime, {0: [short], 2: [long]})
     assert sink_long.token_ids == expected
-    assert sink_short.token_ids == _alone(demo_runtime, _chat_ids(demo_runtime, "Hi"), max_tokens=10,
-                                          ignore_eos=True)
+    assert sink_short.token_ids == _alone(demo_runtime, _chat_ids(demo_runtime, "Hi"), max_tokens=10, ignore_eos=True)
 
 
 def test_seeded_sampling_is_reproducible_in_different_batches(demo_runtime):
     ids = _chat_ids(demo_runtime, "Write a short poem.")
     params = dict(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
     alone = _alone(demo_runtime, ids, **params)
-    others = [make_request(f"o{i}", _chat_ids(demo_runtime, f"Story {i}"), max_tokens=20, temperature=1.0,
-                           ignore_eos=True)[0] for i in range(3)]
+    others = [
+        make_request(f"o{i}", _chat_ids(demo_runtime, f"Story {i}"), max_tokens=20, temperature=1.0, ignore_eos=True)[0]
+        for i in range(3)
+    ]
     target, sink = make_request("seeded", ids, **params)
     drive(demo_runtime, {0: others[:2], 1: [target], 4: others[2:]})
     assert sink.token_ids == alone
@@ -110,8 +117,7 @@ def test_stop_string_ends_generation_and_is_not_in_text(demo_runtime):
 
 
 def test_max_tokens_gives_length(demo_runtime):
-    request, sink = make_request("len", _chat_ids(demo_runtime, "Tell a long story."), max_tokens=5,
-                                 ignore_eos=True)
+    request, sink = make_request("len", _chat_ids(demo_runtime, "Tell a long story."), max_tokens=5, ignore_eos=True)
     drive(demo_runtime, {0: [request]})
     assert sink.finish_reason == "length"
     assert len(sink.token_ids) == 5
@@ -120,8 +126,9 @@ def test_max_tokens_gives_length(demo_runtime):
 
 def test_abort_frees_the_kv_slot(demo_runtime):
     engine = demo_runtime.engine
-    request, sink = make_request("abort-me", _chat_ids(demo_runtime, "Count to one hundred."), max_tokens=200,
-                                 ignore_eos=True)
+    request, sink = make_request(
+        "abort-me", _chat_ids(demo_runtime, "Count to one hundred."), max_tokens=200, ignore_eos=True
+    )
     engine.admit(request)
     for _ in range(3):
         engine.step()
@@ -135,8 +142,10 @@ def test_abort_frees_the_kv_slot(demo_runtime):
 
 def test_full_kv_cache_makes_requests_wait_not_fail(demo_runtime):
     slots = demo_runtime.num_kv_slots
-    requests = [make_request(f"w{i}", _chat_ids(demo_runtime, f"Say {i}"), max_tokens=4, ignore_eos=True)
-                for i in range(slots + 3)]
+    requests = [
+        make_request(f"w{i}", _chat_ids(demo_runtime, f"Say {i}"), max_tokens=4, ignore_eos=True)
+        for i in range(slots + 3)
+    ]
     engine = demo_runtime.engine
     for request, _ in requests:
         engine.admit(request)

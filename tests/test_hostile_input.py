@@ -24,9 +24,15 @@ def anyio_backend():
 
 @pytest.fixture(scope="module")
 def app(tiny_served_model_dir, tmp_path_factory):
-    runtime = build_runtime(ServerConfig(model=tiny_served_model_dir, dtype="float32", max_request_mb=REQUEST_CAP_MB,
-                                         adapters_dir=tmp_path_factory.mktemp("adapters"),
-                                         engine=EngineConfig(max_model_len=128, max_num_seqs=4, kv_cache_gb=0.1)))
+    runtime = build_runtime(
+        ServerConfig(
+            model=tiny_served_model_dir,
+            dtype="float32",
+            max_request_mb=REQUEST_CAP_MB,
+            adapters_dir=tmp_path_factory.mktemp("adapters"),
+            engine=EngineConfig(max_model_len=128, max_num_seqs=4, kv_cache_gb=0.1),
+        )
+    )
     return create_app(runtime)
 
 
@@ -46,7 +52,7 @@ def _metric(text: str, sample: str) -> float:
 
 
 USER = {"role": "user", "content": "hi"}
-SURROGATE = "\ud800x"   # valid JSON ("\\ud800x"), not valid Unicode text
+SURROGATE = "\ud800x"  # valid JSON ("\\ud800x"), not valid Unicode text
 
 BAD_GENERATE = {
     # undecodable text: 400
@@ -98,18 +104,23 @@ async def test_bad_generate_is_4xx_naming_the_problem(client, case):
     assert r.status_code == status, r.text
     assert needle.lower() in r.json()["error"]["message"].lower()
     after = (await client.get("/metrics")).text
-    assert _metric(after, 'requests_total{outcome="rejected"}') == \
-        _metric(before.text, 'requests_total{outcome="rejected"}') + 1
+    assert (
+        _metric(after, 'requests_total{outcome="rejected"}')
+        == _metric(before.text, 'requests_total{outcome="rejected"}') + 1
+    )
     assert (await client.get("/health")).json()["running"] == 0
 
 
-@pytest.mark.parametrize("body,status", [
-    (b"{not json", 400),
-    (b'{"prompt": "\xff\xfe"}', 400),                        # not UTF-8
-    (b"[" * 100_000 + b"]" * 100_000, 400),                  # nested past the JSON parser's recursion
-    (b'{"prompt": "hi", "prompt": 5}', 422),                 # duplicate key: the last one wins, and is wrong
-    (b"", 422),
-])
+@pytest.mark.parametrize(
+    "body,status",
+    [
+        (b"{not json", 400),
+        (b'{"prompt": "\xff\xfe"}', 400),  # not UTF-8
+        (b"[" * 100_000 + b"]" * 100_000, 400),  # nested past the JSON parser's recursion
+        (b'{"prompt": "hi", "prompt": 5}', 422),  # duplicate key: the last one wins, and is wrong
+        (b"", 422),
+    ],
+)
 async def test_undecodable_bodies_are_4xx(client, body, status):
     r = await client.post("/generate", content=body, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
@@ -121,16 +132,19 @@ async def test_body_over_the_cap_is_413_before_parsing(client):
     r = await client.post("/generate", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
 
-    async def chunks():                                      # no Content-Length: counted as it arrives
+    async def chunks():  # no Content-Length: counted as it arrives
         for _ in range(REQUEST_CAP_MB * 4):
             yield b" " * 2**18
         yield b'{"prompt": "hi"}'
+
     r = await client.post("/generate", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413, r.text
 
 
 async def test_cross_site_generate_is_refused_and_allowed_origins_pass(app, client):
-    r = await client.post("/generate", json={"prompt": "hi", "max_tokens": 1}, headers={"origin": "http://evil.example"})
+    r = await client.post(
+        "/generate", json={"prompt": "hi", "max_tokens": 1}, headers={"origin": "http://evil.example"}
+    )
     assert r.status_code == 403
     assert (await client.get("/health", headers={"origin": "http://evil.example"})).status_code == 200
 

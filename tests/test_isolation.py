@@ -20,9 +20,12 @@ POISON_VERSION = "badbadbadbadbad0"
 
 @pytest.fixture(scope="module")
 def runtime(demo_model_dir, tmp_path_factory):
-    config = ServerConfig(model=demo_model_dir, dtype="float32", adapters_dir=tmp_path_factory.mktemp("adapters"),
-                          engine=EngineConfig(max_model_len=256, max_num_seqs=4, max_batched_tokens=256,
-                                              kv_cache_gb=0.5))
+    config = ServerConfig(
+        model=demo_model_dir,
+        dtype="float32",
+        adapters_dir=tmp_path_factory.mktemp("adapters"),
+        engine=EngineConfig(max_model_len=256, max_num_seqs=4, max_batched_tokens=256, kv_cache_gb=0.5),
+    )
     return build_runtime(config)
 
 
@@ -32,8 +35,14 @@ def poisoned(runtime, hf_demo_model, tmp_path_factory) -> str:
     for any adapter whose numbers overflow only on some inputs). Returns its version, resident in
     the host cache."""
     from peft import LoraConfig
-    files = save_peft_adapter(hf_demo_model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-                              tmp_path_factory.mktemp("poison"), seed=3, scale=0.05)
+
+    files = save_peft_adapter(
+        hf_demo_model,
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        tmp_path_factory.mktemp("poison"),
+        seed=3,
+        scale=0.05,
+    )
     info = runtime.adapters.upload("poison-src", *files)
     parsed = runtime.adapters.cache.get(info.version)
     layers = {path: dataclasses.replace(f, scale=1e308 / f.rank) for path, f in parsed.layers.items()}

@@ -21,9 +21,18 @@ MAX_MODEL_LEN = 128
 
 @pytest.fixture(scope="module")
 def tiny_url(tiny_served_model_dir, tmp_path_factory):
-    with live_server(tiny_served_model_dir, tmp_path_factory.mktemp("adapters"), "--max-model-len",
-                     str(MAX_MODEL_LEN), "--kv-cache-gb", "0.1", "--max-num-seqs", "4",
-                     "--max-upload-mb", "1") as url:
+    with live_server(
+        tiny_served_model_dir,
+        tmp_path_factory.mktemp("adapters"),
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--kv-cache-gb",
+        "0.1",
+        "--max-num-seqs",
+        "4",
+        "--max-upload-mb",
+        "1",
+    ) as url:
         yield url
 
 
@@ -48,6 +57,7 @@ def test_giant_prompt_is_refused_without_freezing_anyone(tiny_url, kind):
     """Before: a 20 MB prompt was refused after 33 s and /health took 32 s meanwhile. The bound
     asserted here is loose on purpose (a 2-core CI machine is noisy); the note reports the numbers."""
     if kind == "chunked 20 MB":
+
         def body():
             yield b'{"prompt": "'
             for _ in range(20):
@@ -60,8 +70,9 @@ def test_giant_prompt_is_refused_without_freezing_anyone(tiny_url, kind):
     def post():
         started = time.perf_counter()
         content = body() if callable(body) else body
-        r = httpx.post(f"{tiny_url}/generate", content=content, headers={"content-type": "application/json"},
-                       timeout=120)
+        r = httpx.post(
+            f"{tiny_url}/generate", content=content, headers={"content-type": "application/json"}, timeout=120
+        )
         return r.status_code, r.json()["error"]["message"], time.perf_counter() - started
 
     slowest, [(status, message, took)] = _slowest_health(tiny_url, post)
@@ -81,20 +92,23 @@ def test_no_schema_conforming_or_fuzzed_request_gets_a_5xx(tiny_url, mode):
     for result in schema.get_all_operations():
         operation = result.ok()
 
-        @settings(max_examples=30, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=30, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+        )
         @given(case=operation.as_strategy(generation_mode=mode))
         def exercise(case) -> None:
             nonlocal calls
             response = case.call(timeout=60)
             calls += 1
             if response.status_code >= 500:
-                failures.append(f"{case.method} {case.formatted_path} body={str(case.body)[:200]!r}: "
-                                f"{response.status_code} {response.text[:300]}")
+                failures.append(
+                    f"{case.method} {case.formatted_path} body={str(case.body)[:200]!r}: "
+                    f"{response.status_code} {response.text[:300]}"
+                )
 
         try:
             exercise()
-        except Unsatisfiable:   # NEGATIVE: an operation without parameters has nothing to break
+        except Unsatisfiable:  # NEGATIVE: an operation without parameters has nothing to break
             assert mode is GenerationMode.NEGATIVE
     assert calls > 50
     assert not failures, "\n".join(failures[:10])

@@ -12,14 +12,17 @@ from tests.peft_helpers import ALL_TARGETS, our_logits, pristine, save_peft_adap
 
 def _configs():
     from peft import LoraConfig, RandLoraConfig, VeraConfig
+
     return {
         "lora": LoraConfig(r=8, lora_alpha=16, target_modules=ALL_TARGETS),
         "rslora": LoraConfig(r=16, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "v_proj"]),
         "dora": LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj"]),
-        "vera": VeraConfig(r=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], projection_prng_key=2,
-                           save_projection=False),
-        "randlora": RandLoraConfig(r=32, target_modules=["v_proj", "up_proj"], projection_prng_key=4,
-                                   save_projection=False),
+        "vera": VeraConfig(
+            r=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], projection_prng_key=2, save_projection=False
+        ),
+        "randlora": RandLoraConfig(
+            r=32, target_modules=["v_proj", "up_proj"], projection_prng_key=4, save_projection=False
+        ),
     }
 
 
@@ -91,15 +94,17 @@ def test_merged_greedy_tokens_equal_gathered(demo_runtime, merge_adapters, kind)
 
 
 def test_switching_phases_mid_stream_gives_all_gathered_tokens(demo_runtime, merge_adapters):
-    jobs = [(merge_adapters["lora"].adapter_id, "Tell me about owls."),
-            (merge_adapters["lora"].adapter_id, "Tell me about cats."),
-            (merge_adapters["dora"].adapter_id, "Tell me about dogs."),
-            (None, "Tell me about fish.")]
+    jobs = [
+        (merge_adapters["lora"].adapter_id, "Tell me about owls."),
+        (merge_adapters["lora"].adapter_id, "Tell me about cats."),
+        (merge_adapters["dora"].adapter_id, "Tell me about dogs."),
+        (None, "Tell me about fish."),
+    ]
     steps = [0, 0, 5, 9]  # two lora requests alone (auto merges), then others arrive mid-stream
     expected = _run(demo_runtime, jobs, "gathered", steps)
     counts = demo_runtime.engine.phases.counts
     merges = counts.merges
-    demo_runtime.engine.phases.policy.min_merge_steps = 4   # these requests are short: merge them anyway
+    demo_runtime.engine.phases.policy.min_merge_steps = 4  # these requests are short: merge them anyway
     try:
         assert _run(demo_runtime, jobs, "auto", steps) == expected
     finally:
@@ -120,9 +125,12 @@ def test_flooded_adapter_does_not_starve_another(demo_runtime, merge_adapters):
             request.mode = "merged"
             pairs.append((request, sink))
         order = []
-        for request, sink in pairs:
+        for request, _ in pairs:
             original = request.emit
-            request.emit = lambda ev, rid=request.request_id, f=original: (f(ev), ev.finish_reason and order.append(rid))
+            request.emit = lambda ev, rid=request.request_id, f=original: (
+                f(ev),
+                ev.finish_reason and order.append(rid),
+            )
         drive(demo_runtime, {0: [p[0] for p in pairs[:6]], 2: [pairs[6][0]]})
         assert order.index("flood6") < 6, f"the lone request waited for the whole flood: {order}"
     finally:
@@ -136,7 +144,7 @@ class W:
 
 def test_policy_auto_merges_only_enough_work_and_yields_at_once():
     policy = PhasePolicy(max_wait_s=10, min_merge_steps=48)
-    assert policy.next_phase(GATHERED, [W("v", "V", remaining=10)], now=0.0) == GATHERED   # not worth it
+    assert policy.next_phase(GATHERED, [W("v", "V", remaining=10)], now=0.0) == GATHERED  # not worth it
     assert policy.next_phase(GATHERED, [W("v", "V", remaining=60)], now=0.0) == Phase("V")
     assert policy.next_phase(Phase("V"), [W("v", "V"), W("w", "W")], now=0.0) == GATHERED  # auto never holds
 
@@ -145,11 +153,11 @@ def test_policy_merges_owner_holds_others_within_bound_then_owes_them():
     policy = PhasePolicy(max_wait_s=0.5)
     flood = [W(f"v{i}", "V", "merged") for i in range(3)]
     phase = policy.next_phase(GATHERED, flood, now=0.0)
-    assert phase == Phase("V")                                   # merged requests of one adapter
+    assert phase == Phase("V")  # merged requests of one adapter
     other = W("w", "W")
-    assert policy.next_phase(phase, flood + [other], now=0.1) == Phase("V")   # held, within bound
+    assert policy.next_phase(phase, flood + [other], now=0.1) == Phase("V")  # held, within bound
     assert policy.next_phase(phase, flood + [other], now=0.59) == Phase("V")
-    assert policy.next_phase(phase, flood + [other], now=0.61) == GATHERED   # bound exceeded
+    assert policy.next_phase(phase, flood + [other], now=0.61) == GATHERED  # bound exceeded
     # owed: stays gathered until w is done, even though "merged" requests keep coming
     assert policy.next_phase(GATHERED, flood + [other, W("m", "V", "merged")], now=0.7) == GATHERED
     assert policy.next_phase(GATHERED, flood, now=0.8) == Phase("V")
@@ -165,19 +173,28 @@ def test_policy_gathered_requests_are_never_held():
     assert policy.next_phase(GATHERED, [W("m", "V", "merged")], now=0.0) == GATHERED
 
 
-def test_dora_uploaded_while_another_adapter_is_merged_gives_peft_logits(demo_runtime, hf_demo_model,
-                                                                         tmp_path_factory):
+def test_dora_uploaded_while_another_adapter_is_merged_gives_peft_logits(demo_runtime, hf_demo_model, tmp_path_factory):
     """DoRA's norms come from W0. Uploaded during a merged phase, they must still be read from the
     weights as loaded (the frozen base), not from the merged ones (found by an outside check)."""
     from peft import LoraConfig
+
     from tests.peft_helpers import load_peft
-    big = save_peft_adapter(hf_demo_model, LoraConfig(r=16, lora_alpha=32, target_modules=ALL_TARGETS),
-                            tmp_path_factory.mktemp("big-delta"), seed=7, scale=0.3)
+
+    big = save_peft_adapter(
+        hf_demo_model,
+        LoraConfig(r=16, lora_alpha=32, target_modules=ALL_TARGETS),
+        tmp_path_factory.mktemp("big-delta"),
+        seed=7,
+        scale=0.3,
+    )
     big_version = demo_runtime.adapters.resolve(demo_runtime.adapters.upload("merged-big", *big).adapter_id)
     dora_dir = tmp_path_factory.mktemp("dora-during-merge")
-    dora = save_peft_adapter(hf_demo_model, LoraConfig(r=4, lora_alpha=8, use_dora=True,
-                                                       target_modules=["q_proj", "v_proj", "down_proj"]),
-                             dora_dir, seed=8)
+    dora = save_peft_adapter(
+        hf_demo_model,
+        LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+        dora_dir,
+        seed=8,
+    )
     manager = demo_runtime.engine.runner.adapters
     pristine(demo_runtime)
     manager.merge(big_version)

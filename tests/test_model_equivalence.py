@@ -17,14 +17,23 @@ def _prefill_logits(model, ids: torch.Tensor) -> torch.Tensor:
     n = len(ids)
     keys = [torch.zeros(1, cfg.num_kv_heads, n, cfg.head_dim) for _ in range(cfg.num_layers)]
     values = [torch.zeros_like(k) for k in keys]
-    ctx = ForwardContext(input_ids=ids, positions=torch.arange(n), kv_slots=torch.zeros(n, dtype=torch.long),
-                         num_decode=0, decode_slots=slice(0, 0), decode_mask=None, decode_attn_order=None,
-                         prefills=[PrefillSegment(0, n, 0, 0)], logits_rows=torch.arange(n))
+    ctx = ForwardContext(
+        input_ids=ids,
+        positions=torch.arange(n),
+        kv_slots=torch.zeros(n, dtype=torch.long),
+        num_decode=0,
+        decode_slots=slice(0, 0),
+        decode_mask=None,
+        decode_attn_order=None,
+        prefills=[PrefillSegment(0, n, 0, 0)],
+        logits_rows=torch.arange(n),
+    )
     return model(ctx, keys, values)
 
 
 def _hf_logits(model_dir, ids: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
+
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return hf(ids[None]).logits[0]
@@ -42,9 +51,16 @@ TINY_VARIANTS = {
     "llama-untied-gqa": {},
     "tied-mha": {"tie_word_embeddings": True, "num_key_value_heads": 4},
     "qwen2-style-bias": {"attention_bias": True, "mlp_bias": True},
-    "llama3-rope-scaling": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                "original_max_position_embeddings": 64}},
+    "llama3-rope-scaling": {
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+    },
     "linear-rope-scaling": {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}},
 }
 
@@ -59,6 +75,7 @@ def test_tiny_llama_logits_match_transformers(tmp_path, variant):
 
 def test_sharded_checkpoint_loads_like_single_file(tmp_path):
     from transformers import LlamaForCausalLM
+
     single = build_tiny_llama(tmp_path / "single", seed=3)
     sharded = tmp_path / "sharded"
     LlamaForCausalLM.from_pretrained(single).save_pretrained(sharded, max_shard_size="100KB")

@@ -24,10 +24,16 @@ class CharDecoder:
 
 
 def _seq(rid: str, prompt_len: int, max_tokens: int = 4, stop: tuple[str, ...] = ()) -> Sequence:
-    request = Request(rid, list(range(100, 100 + prompt_len)), SamplingParams(max_tokens=max_tokens, stop=stop),
-                      emit=lambda e: None)
-    return Sequence(request, list(request.prompt_ids), IncrementalDetokenizer(CharDecoder(), stop),
-                    eos_token_ids=frozenset({2}), max_len=64)
+    request = Request(
+        rid, list(range(100, 100 + prompt_len)), SamplingParams(max_tokens=max_tokens, stop=stop), emit=lambda e: None
+    )
+    return Sequence(
+        request,
+        list(request.prompt_ids),
+        IncrementalDetokenizer(CharDecoder(), stop),
+        eos_token_ids=frozenset({2}),
+        max_len=64,
+    )
 
 
 class _AllResident:
@@ -57,12 +63,12 @@ def test_scheduler_admits_under_token_budget_and_chunks_long_prompts():
     scheduler.add(short)
     batch = scheduler.schedule()
     assert [(s.request_id, n) for s, n in batch.prefills] == [("long", 10)]
-    assert batch.sampled() == []          # no logits until the prompt is complete
+    assert batch.sampled() == []  # no logits until the prompt is complete
     scheduler.postprocess(batch, [])
     batch = scheduler.schedule()
     assert [(s.request_id, n) for s, n in batch.prefills] == [("long", 10)]
     scheduler.postprocess(batch, [])
-    batch = scheduler.schedule()          # last 5 of long, then short fits in the remaining budget
+    batch = scheduler.schedule()  # last 5 of long, then short fits in the remaining budget
     assert [(s.request_id, n) for s, n in batch.prefills] == [("long", 5), ("short", 3)]
     assert batch.sampled() == [long, short]
     scheduler.postprocess(batch, [65, 66])
@@ -107,7 +113,7 @@ def test_detokenizer_holds_back_partial_stop_and_cuts_it():
     for ch in "abcEN":
         detok.add(ord(ch))
         out.append(detok.take_delta(final=False))
-    assert "".join(out) == "abc"           # "EN" might become "END": held back
+    assert "".join(out) == "abc"  # "EN" might become "END": held back
     detok.add(ord("D"))
     assert detok.stopped
     assert detok.take_delta(final=True) == ""
@@ -132,4 +138,5 @@ def test_top_k_and_top_p_filters():
 
 def test_kernels_package_is_ours():
     import kernels
+
     assert Path(kernels.__file__).resolve().is_relative_to(Path(__file__).resolve().parent.parent)

@@ -8,8 +8,8 @@ New kinds plug in by adding an entry to ``KIND_PARSERS``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 

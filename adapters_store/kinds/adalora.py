@@ -44,8 +44,12 @@ def _rank_pattern(cfg: dict[str, Any], init_r: int) -> dict[str, int] | None:
     return out
 
 
-def parse_adalora(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelSpec,
-                  metadata: Mapping[str, str] | None = None) -> ParsedAdapter:
+def parse_adalora(
+    cfg: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    base: BaseModelSpec,
+    metadata: Mapping[str, str] | None = None,
+) -> ParsedAdapter:
     check_common(cfg)
     if get_bool(cfg, "use_dora"):
         raise UnsupportedAdapter("AdaLoRA with use_dora is not supported (PEFT rejects it too)")
@@ -89,8 +93,9 @@ def parse_adalora(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: B
             continue  # pruned by rank allocation: contributes exactly zero in PEFT
         check_rank(base, path, r)
         scaling = alpha if alpha > 0 else float(r)
-        layers[path] = LayerFactors(A=(A * E).contiguous(), B=B.contiguous(), scale=float(scaling),
-                                    divisor=float(denom.item()))
+        layers[path] = LayerFactors(
+            A=(A * E).contiguous(), B=B.contiguous(), scale=float(scaling), divisor=float(denom.item())
+        )
         src = f"lora_alpha={alpha!r}" if alpha > 0 else f"r={r} (lora_alpha=0)"
         check_lora_update(path, layers[path], base, f"scale {scaling:.3g} = {src} / (init_r={init_r} + 1e-5)")
 

@@ -34,8 +34,12 @@ from .dora import dora_output_scale
 _A, _B, _BIAS, _MAG = "lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector"
 
 
-def parse_lora(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelSpec,
-               metadata: Mapping[str, str] | None = None) -> ParsedAdapter:
+def parse_lora(
+    cfg: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    base: BaseModelSpec,
+    metadata: Mapping[str, str] | None = None,
+) -> ParsedAdapter:
     check_common(cfg)
     r_default = get_int(cfg, "r", 8)
     alpha_default = get_positive(cfg, "lora_alpha", 8)

@@ -62,8 +62,9 @@ def _config(cfg: dict[str, Any], base: BaseModelSpec, spec: ProjectedKind) -> tu
     return r, seed, get_bool(cfg, "save_projection", True)
 
 
-def _split(tensors: dict[str, torch.Tensor], spec: ProjectedKind
-           ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _split(
+    tensors: dict[str, torch.Tensor], spec: ProjectedKind
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(per-layer tensors, model-level projections by name)."""
     keys = {MODEL_PREFIX + n: n for n in spec.proj_names}
     model_level = {keys[k]: v for k, v in tensors.items() if k in keys}
@@ -71,8 +72,7 @@ def _split(tensors: dict[str, torch.Tensor], spec: ProjectedKind
     return rest, model_level
 
 
-def _check_coverage(targets: Targets, base: BaseModelSpec, paths: set[str], dims: tuple[int, int],
-                    label: str) -> None:
+def _check_coverage(targets: Targets, base: BaseModelSpec, paths: set[str], dims: tuple[int, int], label: str) -> None:
     """PEFT sizes the projections over the layers the *config* targets (``_find_dim``); we size them over
     the layers in the file. For PEFT-saved files the two agree. Reject a file whose missing layers
     would change the projection shapes (not checkable when target_modules is missing: PEFT's default)."""
@@ -89,28 +89,41 @@ def _check_coverage(targets: Targets, base: BaseModelSpec, paths: set[str], dims
         )
 
 
-def _projections(spec: ProjectedKind, family: ProjectionFamily, model_level: dict[str, torch.Tensor],
-                 copies: dict[str, dict[str, torch.Tensor]], save_projection: bool,
-                 metadata: Mapping[str, str]) -> tuple[ProjectionFamily, tuple[torch.Tensor, torch.Tensor] | None]:
+def _projections(
+    spec: ProjectedKind,
+    family: ProjectionFamily,
+    model_level: dict[str, torch.Tensor],
+    copies: dict[str, dict[str, torch.Tensor]],
+    save_projection: bool,
+    metadata: Mapping[str, str],
+) -> tuple[ProjectionFamily, tuple[torch.Tensor, torch.Tensor] | None]:
     names = spec.proj_names
     for path, t in copies.items():
         for name, copy in t.items():
             ref = model_level.get(name)
             if ref is None:
-                raise InvalidAdapter(f"per-layer copy {KEY_PREFIX + path + '.' + name!r} present but the model-level "
-                                     f"{MODEL_PREFIX + name!r} is missing")
+                raise InvalidAdapter(
+                    f"per-layer copy {KEY_PREFIX + path + '.' + name!r} present but the model-level "
+                    f"{MODEL_PREFIX + name!r} is missing"
+                )
             if copy.shape != ref.shape or not torch.equal(copy, ref):
                 # PEFT loads every copy into the same shared buffer: which one wins is load order.
-                raise InvalidAdapter(f"per-layer copy {KEY_PREFIX + path + '.' + name!r} differs from "
-                                     f"{MODEL_PREFIX + name!r}; the adapter's projections are ambiguous")
+                raise InvalidAdapter(
+                    f"per-layer copy {KEY_PREFIX + path + '.' + name!r} differs from "
+                    f"{MODEL_PREFIX + name!r}; the adapter's projections are ambiguous"
+                )
     if model_level:
         for name, shape in zip(names, family.shapes()):
             if name not in model_level:
-                raise InvalidAdapter(f"{MODEL_PREFIX + names[0]!r} and {MODEL_PREFIX + names[1]!r} must both be "
-                                     f"present or both absent; {MODEL_PREFIX + name!r} is missing")
+                raise InvalidAdapter(
+                    f"{MODEL_PREFIX + names[0]!r} and {MODEL_PREFIX + names[1]!r} must both be "
+                    f"present or both absent; {MODEL_PREFIX + name!r} is missing"
+                )
             if tuple(model_level[name].shape) != shape:
-                raise InvalidAdapter(f"tensor {MODEL_PREFIX + name!r} has shape {list(model_level[name].shape)}, "
-                                     f"expected {list(shape)} (r and max (out, in) of the adapted layers)")
+                raise InvalidAdapter(
+                    f"tensor {MODEL_PREFIX + name!r} has shape {list(model_level[name].shape)}, "
+                    f"expected {list(shape)} (r and max (out, in) of the adapted layers)"
+                )
         A, B = model_level[names[0]], model_level[names[1]]
         gA, gB = shared_projections(family)
         if torch.equal(A, gA) and torch.equal(B, gB):
@@ -123,18 +136,26 @@ def _projections(spec: ProjectedKind, family: ProjectionFamily, model_level: dic
             # PEFT raises for VeRA; RandLoRA silently regenerates. Either way the uploader expected
             # projections that are not there, so we refuse rather than guess.
             peft = "PEFT refuses to load this too" if spec.kind == "vera" else "set save_projection=false if intended"
-            raise InvalidAdapter(f"{spec.label} config has save_projection=true but {MODEL_PREFIX + names[0]!r} / "
-                                 f"{MODEL_PREFIX + names[1]!r} are missing ({peft})")
+            raise InvalidAdapter(
+                f"{spec.label} config has save_projection=true but {MODEL_PREFIX + names[0]!r} / "
+                f"{MODEL_PREFIX + names[1]!r} are missing ({peft})"
+            )
         family_out, proj = family, None
     marker = metadata.get(CANONICAL_META_KEY)
     if marker is not None and marker != family_out.key():
-        raise InvalidAdapter(f"safetensors metadata names projection family {marker!r}, the adapter gives "
-                             f"{family_out.key()!r}")
+        raise InvalidAdapter(
+            f"safetensors metadata names projection family {marker!r}, the adapter gives {family_out.key()!r}"
+        )
     return family_out, proj
 
 
-def parse_projected(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelSpec,
-                    metadata: Mapping[str, str], spec: ProjectedKind) -> ParsedAdapter:
+def parse_projected(
+    cfg: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    base: BaseModelSpec,
+    metadata: Mapping[str, str],
+    spec: ProjectedKind,
+) -> ParsedAdapter:
     r, seed, save_projection = _config(cfg, base, spec)
     targets = parse_targets(cfg, base)
     rest, model_level = _split(tensors, spec)
@@ -161,5 +182,6 @@ def parse_projected(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base:
     family = spec.family(cfg, r, seed, dims)
     layers = {path: spec.layer(path, layer, t, family) for path, (layer, t) in sorted(layer_t.items())}
     family, proj = _projections(spec, family, model_level, copies, save_projection, metadata)
-    return ParsedAdapter(kind=spec.kind, layers=layers, target_modules=short_names(layers),
-                         family=family, projections=proj)
+    return ParsedAdapter(
+        kind=spec.kind, layers=layers, target_modules=short_names(layers), family=family, projections=proj
+    )

@@ -35,8 +35,9 @@ def _family(cfg: dict[str, Any], r: int, seed: int, dims: tuple[int, int]) -> Pr
 
 
 def _make_layer(alpha: float):
-    def layer_factors(path: str, layer: TargetLayer, t: dict[str, torch.Tensor], fam: ProjectionFamily
-                      ) -> RandLoraFactors:
+    def layer_factors(
+        path: str, layer: TargetLayer, t: dict[str, torch.Tensor], fam: ProjectionFamily
+    ) -> RandLoraFactors:
         key = KEY_PREFIX + path + "."
         min_l = min(layer.out_features, layer.in_features)
         nb = ceil_div_like_peft(min_l, fam.r)
@@ -44,13 +45,29 @@ def _make_layer(alpha: float):
         check_shape(key + _LAM, t[_LAM], (fam.r, nb), why)
         check_shape(key + _GAMMA, t[_GAMMA], (nb, min_l), why)
         # Same Python expression as RandLoraLayer.update_layer: bit-identical scale.
-        return RandLoraFactors(lam=t[_LAM].contiguous(), gamma=t[_GAMMA].contiguous(), scale=alpha / fam.r,
-                               out_features=layer.out_features, in_features=layer.in_features)
+        return RandLoraFactors(
+            lam=t[_LAM].contiguous(),
+            gamma=t[_GAMMA].contiguous(),
+            scale=alpha / fam.r,
+            out_features=layer.out_features,
+            in_features=layer.in_features,
+        )
+
     return layer_factors
 
 
-def parse_randlora(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelSpec,
-                   metadata: Mapping[str, str] | None = None) -> ParsedAdapter:
-    spec = ProjectedKind(kind="randlora", label="RandLoRA", vectors=(_GAMMA, _LAM), r_default=32,
-                         family=_family, layer=_make_layer(get_positive(cfg, "randlora_alpha", 640)))
+def parse_randlora(
+    cfg: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    base: BaseModelSpec,
+    metadata: Mapping[str, str] | None = None,
+) -> ParsedAdapter:
+    spec = ProjectedKind(
+        kind="randlora",
+        label="RandLoRA",
+        vectors=(_GAMMA, _LAM),
+        r_default=32,
+        family=_family,
+        layer=_make_layer(get_positive(cfg, "randlora_alpha", 640)),
+    )
     return parse_projected(cfg, tensors, base, metadata or {}, spec)

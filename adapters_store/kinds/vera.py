@@ -34,6 +34,10 @@ def _layer(path: str, layer: TargetLayer, t: dict[str, torch.Tensor], fam: Proje
 VERA = ProjectedKind(kind="vera", label="VeRA", vectors=(_B, _D), r_default=256, family=_family, layer=_layer)
 
 
-def parse_vera(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelSpec,
-               metadata: Mapping[str, str] | None = None) -> ParsedAdapter:
+def parse_vera(
+    cfg: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    base: BaseModelSpec,
+    metadata: Mapping[str, str] | None = None,
+) -> ParsedAdapter:
     return parse_projected(cfg, tensors, base, metadata or {}, VERA)

@@ -17,16 +17,22 @@ from server.model.layers import AdaptedLinear
 
 @dataclass(frozen=True, slots=True)
 class FrozenBase:
-    weights: dict[str, torch.Tensor]                # AdaptedLinear.key -> packed weight [out, in]
+    weights: dict[str, torch.Tensor]  # AdaptedLinear.key -> packed weight [out, in]
     biases: dict[str, torch.Tensor | None]
-    _rows: dict[str, tuple[str, slice]]             # checkpoint projection path -> (linear key, its rows)
+    _rows: dict[str, tuple[str, slice]]  # checkpoint projection path -> (linear key, its rows)
 
     @classmethod
-    def capture(cls, linears: list[AdaptedLinear]) -> "FrozenBase":
-        rows = {s.path: (linear.key, slice(s.out_start, s.out_start + s.out_features))
-                for linear in linears for s in linear.slices}
-        return cls({linear.key: linear.weight.data for linear in linears},
-                   {linear.key: None if linear.bias is None else linear.bias.data for linear in linears}, rows)
+    def capture(cls, linears: list[AdaptedLinear]) -> FrozenBase:
+        rows = {
+            s.path: (linear.key, slice(s.out_start, s.out_start + s.out_features))
+            for linear in linears
+            for s in linear.slices
+        }
+        return cls(
+            {linear.key: linear.weight.data for linear in linears},
+            {linear.key: None if linear.bias is None else linear.bias.data for linear in linears},
+            rows,
+        )
 
     def weight(self, linear: AdaptedLinear) -> torch.Tensor:
         return self.weights[linear.key]

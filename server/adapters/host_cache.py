@@ -19,8 +19,8 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from adapters_store import ParsedAdapter
 
@@ -55,9 +55,9 @@ def release_free_memory() -> bool:
 class TierCounts:
     """Monotonic counters of one memory tier, read by /metrics at scrape time."""
 
-    hits: int = 0        # a version was wanted and already there
-    loads: int = 0       # a version was brought in from the tier below
-    evictions: int = 0   # a version was pushed out to make room (not deletions)
+    hits: int = 0  # a version was wanted and already there
+    loads: int = 0  # a version was brought in from the tier below
+    evictions: int = 0  # a version was pushed out to make room (not deletions)
 
 
 class HostCache:
@@ -66,13 +66,13 @@ class HostCache:
         self.trim_after_bytes = trim_after_bytes
         self.counts = TierCounts()
         self._lock = threading.Lock()
-        self._settled = threading.Condition(self._lock)   # notified when a held version arrives or fails
-        self._errors: dict[str, str] = {}   # held versions whose load failed, with why
+        self._settled = threading.Condition(self._lock)  # notified when a held version arrives or fails
+        self._errors: dict[str, str] = {}  # held versions whose load failed, with why
         self._entries: OrderedDict[str, ParsedAdapter] = OrderedDict()
         self._sizes: dict[str, int] = {}
         self._refs: Counter[str] = Counter()
-        self._discarded: set[str] = set()   # retained entries to drop at their last release
-        self._bytes = 0                     # sum of self._sizes, kept as entries come and go
+        self._discarded: set[str] = set()  # retained entries to drop at their last release
+        self._bytes = 0  # sum of self._sizes, kept as entries come and go
         self._dropped_since_trim = 0
         self.trims = 0
 
@@ -139,8 +139,9 @@ class HostCache:
         """Block until no request holds `version` waiting for a load (it arrived, failed or was
         released). Called before a version's files are removed, off the event loop."""
         with self._lock:
-            self._settled.wait_for(lambda: self._refs[version] == 0 or version in self._entries
-                                   or version in self._errors, timeout)
+            self._settled.wait_for(
+                lambda: self._refs[version] == 0 or version in self._entries or version in self._errors, timeout
+            )
 
     def get(self, version: str) -> ParsedAdapter:
         with self._lock:
@@ -199,7 +200,7 @@ class HostCache:
             return
         victims = []
         over = self._bytes - self.max_bytes
-        for version in self._entries:   # least recently used first
+        for version in self._entries:  # least recently used first
             if over <= 0:
                 break
             if self._refs[version] == 0:

@@ -30,8 +30,12 @@ def lower_thread_priority() -> None:
 
 
 class AdapterLoader:
-    def __init__(self, read: Callable[[str, str], ParsedAdapter], cache: HostCache,
-                 observe_seconds: Callable[[float], None] = lambda seconds: None) -> None:
+    def __init__(
+        self,
+        read: Callable[[str, str], ParsedAdapter],
+        cache: HostCache,
+        observe_seconds: Callable[[float], None] = lambda seconds: None,
+    ) -> None:
         """`read(adapter_id, version)` reads and parses one stored version."""
         self._read = read
         self._cache = cache
@@ -62,10 +66,11 @@ class AdapterLoader:
             except (AdapterError, OSError, ValueError) as exc:
                 log.warning("loading adapter %s version %s failed: %s", adapter_id, version, exc)
                 self._cache.fail(version, f"adapter {adapter_id!r} version {version} could not be loaded: {exc}")
-            except Exception as exc:   # never let one bad file stop every later load
+            except Exception as exc:  # never let one bad file stop every later load
                 log.exception("loading adapter %s version %s failed", adapter_id, version)
-                self._cache.fail(version, f"adapter {adapter_id!r} version {version} could not be loaded: "
-                                 f"{type(exc).__name__}")
+                self._cache.fail(
+                    version, f"adapter {adapter_id!r} version {version} could not be loaded: {type(exc).__name__}"
+                )
             finally:
                 with self._lock:
                     self._wanted.discard(version)

@@ -28,9 +28,17 @@ from server.model.layers import AdaptedLinear
 
 
 class AdapterManager:
-    def __init__(self, table: SlotTable, cache: HostCache, linears: list[AdaptedLinear], base: FrozenBase,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", backend: str = "torch",
-                 max_step_tokens: int = 2048) -> None:
+    def __init__(
+        self,
+        table: SlotTable,
+        cache: HostCache,
+        linears: list[AdaptedLinear],
+        base: FrozenBase,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        backend: str = "torch",
+        max_step_tokens: int = 2048,
+    ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown kernel backend {backend!r}, expected one of {BACKENDS}")
         self.table = table
@@ -100,7 +108,7 @@ class AdapterManager:
         store_of_slot = self.store_of_slot
         stores = [store_of_slot[g.slot] for g in groups]
         step = StepInputs(num_tokens, decode_only, self.device, self.step_buffers)
-        if stores.count(stores[0]) == len(stores):     # one kind's adapters only (the common case)
+        if stores.count(stores[0]) == len(stores):  # one kind's adapters only (the common case)
             parts = stores[0].plan(groups, step)
         else:
             by_store: dict[SlotStore, list[TokenGroup]] = {}

@@ -25,8 +25,8 @@ class CannotMerge(Exception):
 
 @dataclass(slots=True)
 class MergeState:
-    version: str | None = None          # the merged adapter, None = pristine base
-    merged: list[AdaptedLinear] = field(default_factory=list)   # layers whose weights are rebound
+    version: str | None = None  # the merged adapter, None = pristine base
+    merged: list[AdaptedLinear] = field(default_factory=list)  # layers whose weights are rebound
 
 
 class WeightMerger:

@@ -40,8 +40,14 @@ log = logging.getLogger(__name__)
 
 
 class AdapterService:
-    def __init__(self, store: AdapterStore, registry: AdapterRegistry, cache: HostCache,
-                 spec: BaseModelSpec, observe_load_seconds=lambda seconds: None) -> None:
+    def __init__(
+        self,
+        store: AdapterStore,
+        registry: AdapterRegistry,
+        cache: HostCache,
+        spec: BaseModelSpec,
+        observe_load_seconds=lambda seconds: None,
+    ) -> None:
         self.store = store
         self.registry = registry
         self.cache = cache
@@ -52,8 +58,9 @@ class AdapterService:
         # version -> how many ids it is the current version of (guarded by self._lock).
         self._published: Counter[str] = Counter()
         # One low-priority worker: uploads are serialised and never compete with decoding.
-        self._upload_worker = ThreadPoolExecutor(1, thread_name_prefix="adapter-upload",
-                                                 initializer=lower_thread_priority)
+        self._upload_worker = ThreadPoolExecutor(
+            1, thread_name_prefix="adapter-upload", initializer=lower_thread_priority
+        )
 
     def recover(self) -> int:
         """Re-register every complete adapter in the store (partial ones are cleaned by scan)."""

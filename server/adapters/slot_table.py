@@ -20,7 +20,7 @@ class SlotTable:
         self.num_slots = num_slots
         self.counts = TierCounts()
         self._free = list(range(num_slots - 1, -1, -1))
-        self._lru: OrderedDict[str, int] = OrderedDict()   # resident version -> slot, least recent first
+        self._lru: OrderedDict[str, int] = OrderedDict()  # resident version -> slot, least recent first
         self._to_load: list[tuple[str, int]] = []
 
     def slot_of(self, version: str) -> int | None:

@@ -17,10 +17,19 @@ router = APIRouter()
 
 
 def _public(info: AdapterInfo) -> dict:
-    return {"adapter_id": info.adapter_id, "version": info.version, "kind": info.kind, "rank": info.rank,
-            "ranks": {str(r): n for r, n in info.rank_counts.items()}, "target_modules": info.target_modules,
-            "num_layers": info.num_layers, "bytes": info.bytes, "created_at": info.created_at,
-            "projection": info.projection, "family": info.family}
+    return {
+        "adapter_id": info.adapter_id,
+        "version": info.version,
+        "kind": info.kind,
+        "rank": info.rank,
+        "ranks": {str(r): n for r, n in info.rank_counts.items()},
+        "target_modules": info.target_modules,
+        "num_layers": info.num_layers,
+        "bytes": info.bytes,
+        "created_at": info.created_at,
+        "projection": info.projection,
+        "family": info.family,
+    }
 
 
 async def _read_capped(request: Request, cap: int) -> bytes:
@@ -60,16 +69,29 @@ async def _form_parts(request: Request, cap: int) -> tuple[str, bytes, bytes]:
 
 
 # The body is read by hand (size-capped before parsing), so its shape is declared here for the docs.
-_UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["adapter_id", "config", "weights"],
-    "properties": {"adapter_id": {"type": "string"},
-                   "config": {"type": "string", "format": "binary", "description": "adapter_config.json"},
-                   "weights": {"type": "string", "format": "binary",
-                               "description": "adapter_model.safetensors"}}}}}}}
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["adapter_id", "config", "weights"],
+                    "properties": {
+                        "adapter_id": {"type": "string"},
+                        "config": {"type": "string", "format": "binary", "description": "adapter_config.json"},
+                        "weights": {"type": "string", "format": "binary", "description": "adapter_model.safetensors"},
+                    },
+                }
+            }
+        },
+    }
+}
 
 
-@router.post("/adapters", status_code=201, responses=error_responses(400, 403, 413, 422, 500),
-             openapi_extra=_UPLOAD_BODY)
+@router.post(
+    "/adapters", status_code=201, responses=error_responses(400, 403, 413, 422, 500), openapi_extra=_UPLOAD_BODY
+)
 async def upload_adapter(request: Request) -> JSONResponse:
     runtime: Runtime = request.app.state.runtime
     cap = int(runtime.config.adapters.max_upload_mb * 2**20)

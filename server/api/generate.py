@@ -14,8 +14,8 @@ from starlette.concurrency import run_in_threadpool
 
 from server.api.openapi import error_responses
 from server.api.schemas import GenerateRequest, GenerateResponse, Usage
-from server.engine.request import Request as EngineRequest
 from server.engine.request import GenerationError, SamplingParams, TokenEvent
+from server.engine.request import Request as EngineRequest
 from server.errors import InvalidRequest, ServerError
 from server.runtime import Runtime
 
@@ -37,9 +37,11 @@ def _check_text_fits(body: GenerateRequest, runtime: Runtime) -> None:
     limit = runtime.max_model_len * runtime.tokenizer.max_bytes_per_token
     size = body.text_bytes()
     if size > limit:
-        raise InvalidRequest(f"the prompt is {size} bytes of text; the context holds {runtime.max_model_len} "
-                             f"tokens and no token covers more than {runtime.tokenizer.max_bytes_per_token} "
-                             "bytes, so it cannot fit")
+        raise InvalidRequest(
+            f"the prompt is {size} bytes of text; the context holds {runtime.max_model_len} "
+            f"tokens and no token covers more than {runtime.tokenizer.max_bytes_per_token} "
+            "bytes, so it cannot fit"
+        )
 
 
 def _prompt_ids(body: GenerateRequest, runtime: Runtime) -> list[int]:
@@ -52,22 +54,37 @@ def _prompt_ids(body: GenerateRequest, runtime: Runtime) -> list[int]:
     if not ids:
         raise InvalidRequest("the prompt encodes to zero tokens")
     if len(ids) >= runtime.max_model_len:
-        raise InvalidRequest(f"the prompt has {len(ids)} tokens; the context holds {runtime.max_model_len} "
-                             "including at least one generated token")
+        raise InvalidRequest(
+            f"the prompt has {len(ids)} tokens; the context holds {runtime.max_model_len} "
+            "including at least one generated token"
+        )
     return ids
 
 
 def _sampling_params(body: GenerateRequest, prompt_len: int, max_model_len: int) -> SamplingParams:
     room = max_model_len - prompt_len
     if body.max_tokens is not None and body.max_tokens > room:
-        raise InvalidRequest(f"max_tokens={body.max_tokens} plus the {prompt_len}-token prompt exceeds the "
-                             f"context of {max_model_len} tokens (at most {room} new tokens fit)")
-    return SamplingParams(max_tokens=body.max_tokens or room, temperature=body.temperature, top_p=body.top_p,
-                          top_k=body.top_k, seed=body.seed, stop=body.stop_strings(), ignore_eos=body.ignore_eos)
+        raise InvalidRequest(
+            f"max_tokens={body.max_tokens} plus the {prompt_len}-token prompt exceeds the "
+            f"context of {max_model_len} tokens (at most {room} new tokens fit)"
+        )
+    return SamplingParams(
+        max_tokens=body.max_tokens or room,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        stop=body.stop_strings(),
+        ignore_eos=body.ignore_eos,
+    )
 
 
-@router.post("/generate", response_model=GenerateResponse, responses=error_responses(400, 403, 404, 413, 422, 500),
-             openapi_extra={"responses": {"200": {"content": {"text/event-stream": {}}}}})
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses=error_responses(400, 403, 404, 413, 422, 500),
+    openapi_extra={"responses": {"200": {"content": {"text/event-stream": {}}}}},
+)
 async def generate(body: GenerateRequest, http_request: Request):
     runtime: Runtime = http_request.app.state.runtime
     _check_text_fits(body, runtime)
@@ -79,18 +96,25 @@ async def generate(body: GenerateRequest, http_request: Request):
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[TokenEvent] = asyncio.Queue()
     request_id = f"gen-{uuid.uuid4().hex[:16]}"
-    runtime.engine.submit(EngineRequest(
-        request_id, prompt_ids, params, emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-        adapter_version=adapter_version, arrival_time=time.perf_counter(),
-        mode=body.mode or runtime.config.adapters.mode,
-    ))
+    runtime.engine.submit(
+        EngineRequest(
+            request_id,
+            prompt_ids,
+            params,
+            emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+            adapter_version=adapter_version,
+            arrival_time=time.perf_counter(),
+            mode=body.mode or runtime.config.adapters.mode,
+        )
+    )
     if body.stream:
         return StreamingResponse(_sse(request_id, events, runtime), media_type="text/event-stream")
     return await _collect(request_id, events, runtime, http_request)
 
 
-async def _collect(request_id: str, events: asyncio.Queue[TokenEvent], runtime: Runtime,
-                   http_request: Request) -> JSONResponse:
+async def _collect(
+    request_id: str, events: asyncio.Queue[TokenEvent], runtime: Runtime, http_request: Request
+) -> JSONResponse:
     """Gather the whole answer; if the client goes away first, abort so its KV slot is freed."""
     text, token_ids = [], []
     next_check = time.monotonic() + _DISCONNECT_POLL_SECONDS
@@ -111,10 +135,15 @@ async def _collect(request_id: str, events: asyncio.Queue[TokenEvent], runtime: 
                 return JSONResponse({"error": {"message": "client disconnected", "type": "aborted"}}, 499)
     if event.finish_reason == "error":
         raise GenerationFailed(event.error)
-    return JSONResponse(GenerateResponse(
-        id=request_id, text="".join(text), token_ids=token_ids, finish_reason=event.finish_reason,
-        usage=Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
-    ).model_dump())
+    return JSONResponse(
+        GenerateResponse(
+            id=request_id,
+            text="".join(text),
+            token_ids=token_ids,
+            finish_reason=event.finish_reason,
+            usage=Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
+        ).model_dump()
+    )
 
 
 def _sse_line(payload: dict | str) -> str:
@@ -131,8 +160,7 @@ async def _sse(request_id: str, events: asyncio.Queue[TokenEvent], runtime: Runt
             payload: dict = {"id": request_id, "text": event.text, "token_ids": event.token_ids}
             if finished:
                 payload["finish_reason"] = event.finish_reason
-                payload["usage"] = {"prompt_tokens": event.prompt_tokens,
-                                    "completion_tokens": event.completion_tokens}
+                payload["usage"] = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens}
                 if event.error:
                     payload["error"] = {"message": event.error.message, "type": event.error.kind}
             yield _sse_line(payload)

@@ -25,8 +25,13 @@ class RequestTooLarge(HTTPException):
 
 async def send_error(send: Send, status: int, message: str, error_type: str) -> None:
     body = json.dumps({"error": {"message": message, "type": error_type}}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -46,8 +51,12 @@ class BodyLimit:
         limit = self.limit_for(scope["method"], scope["path"])
         declared = _header(scope, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            await send_error(send, 413, f"request body of {declared} bytes exceeds the {limit}-byte limit "
-                             "for this route", "request_too_large")
+            await send_error(
+                send,
+                413,
+                f"request body of {declared} bytes exceeds the {limit}-byte limit for this route",
+                "request_too_large",
+            )
             return
         received = 0
 
@@ -80,8 +89,13 @@ class CrossSiteWriteGuard:
         if scope["type"] == "http" and scope["method"] in MUTATING_METHODS:
             origin = _header(scope, b"origin")
             if origin is not None and origin not in self.allowed and "*" not in self.allowed:
-                await send_error(send, 403, f"cross-origin {scope['method']} from {origin!r} refused: list the "
-                                 "origin in --cors-allow-origins to allow it", "cross_origin_refused")
+                await send_error(
+                    send,
+                    403,
+                    f"cross-origin {scope['method']} from {origin!r} refused: list the "
+                    "origin in --cors-allow-origins to allow it",
+                    "cross_origin_refused",
+                )
                 return
         await self.app(scope, receive, send)
 

@@ -12,7 +12,7 @@ _MEANING = {
     404: "Unknown adapter",
     413: "Request body over its size limit",
     422: "A field of the wrong type, out of range, or an adapter that cannot be served",
-    500: "Internal error (counted in requests_total{outcome=\"error\"})",
+    500: 'Internal error (counted in requests_total{outcome="error"})',
     503: "The engine is down",
 }
 

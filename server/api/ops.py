@@ -18,7 +18,7 @@ async def health(request: Request) -> Response:
     status = runtime.engine.status()
     body = {
         "status": "ok" if status.alive else "engine_down",
-        "model": runtime.model_name,   # the name only: the path is the operator's business
+        "model": runtime.model_name,  # the name only: the path is the operator's business
         "device": str(runtime.device),
         "dtype": str(runtime.dtype).removeprefix("torch."),
         "max_model_len": runtime.max_model_len,

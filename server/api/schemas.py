@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 from pydantic_core import PydanticCustomError
 
-UNDECODABLE_TEXT = "undecodable_text"   # the error type the app answers with 400 instead of 422
+UNDECODABLE_TEXT = "undecodable_text"  # the error type the app answers with 400 instead of 422
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 1024
@@ -22,8 +22,11 @@ def _encodable(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise PydanticCustomError(UNDECODABLE_TEXT, "text is not valid Unicode ({reason} at index {index})",
-                                  {"reason": exc.reason, "index": exc.start}) from None
+        raise PydanticCustomError(
+            UNDECODABLE_TEXT,
+            "text is not valid Unicode ({reason} at index {index})",
+            {"reason": exc.reason, "index": exc.start},
+        ) from None
     return text
 
 
@@ -55,7 +58,7 @@ class GenerateRequest(BaseModel):
     mode: Literal["auto", "gathered", "merged"] | None = None
 
     @model_validator(mode="after")
-    def _exactly_one_input(self) -> "GenerateRequest":
+    def _exactly_one_input(self) -> GenerateRequest:
         if self.prompt is None and self.messages is None:
             raise ValueError("give either 'prompt' or 'messages'")
         if self.prompt is not None and self.messages is not None:

@@ -24,18 +24,18 @@ class IncrementalDetokenizer:
         self._ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
-        self.text = ""           # all text decoded so far (stop strings cut off once found)
-        self._emitted = 0        # characters of `text` already handed out
+        self.text = ""  # all text decoded so far (stop strings cut off once found)
+        self._emitted = 0  # characters of `text` already handed out
         self.stopped = False
 
     def add(self, token_id: int) -> None:
         self._ids.append(token_id)
-        prefix = self._decoder.decode(self._ids[self._prefix_offset:self._read_offset])
-        full = self._decoder.decode(self._ids[self._prefix_offset:])
+        prefix = self._decoder.decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decoder.decode(self._ids[self._prefix_offset :])
         if full.endswith("\ufffd") or len(full) <= len(prefix):
             return
         search_from = max(0, len(self.text) - self._hold)
-        self.text += full[len(prefix):]
+        self.text += full[len(prefix) :]
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         self._cut_at_stop(search_from)
 
@@ -48,6 +48,6 @@ class IncrementalDetokenizer:
     def take_delta(self, final: bool) -> str:
         """New text that is safe to show; `final` flushes what was held back for stop matching."""
         end = len(self.text) if (final or self.stopped) else max(self._emitted, len(self.text) - self._hold)
-        delta = self.text[self._emitted:end]
+        delta = self.text[self._emitted : end]
         self._emitted = end
         return delta

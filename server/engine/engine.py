@@ -32,8 +32,10 @@ from server.model.tokenizer import TextTokenizer
 log = logging.getLogger(__name__)
 
 NON_FINITE_OUTPUT = GenerationError(
-    "non_finite_output", "the model's output for this request became non-finite (NaN or Inf), or overflowed at its "
-    "temperature: its adapter produces values out of range; no other request was affected")
+    "non_finite_output",
+    "the model's output for this request became non-finite (NaN or Inf), or overflowed at its "
+    "temperature: its adapter produces values out of range; no other request was affected",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,13 +60,20 @@ class EngineStatus:
 class _Pending:
     """What happened since the last `observe`: finished requests and their latencies."""
 
-    finished: list[tuple[str, float | None]] = field(default_factory=list)   # (outcome, mean TPOT)
+    finished: list[tuple[str, float | None]] = field(default_factory=list)  # (outcome, mean TPOT)
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: TextTokenizer,
-                 metrics: Metrics, max_model_len: int, eos_token_ids: frozenset[int],
-                 phases: PhaseController) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        scheduler: Scheduler,
+        tokenizer: TextTokenizer,
+        metrics: Metrics,
+        max_model_len: int,
+        eos_token_ids: frozenset[int],
+        phases: PhaseController,
+    ) -> None:
         self.runner = runner
         self.scheduler = scheduler
         self.tokenizer = tokenizer
@@ -103,9 +112,15 @@ class Engine:
     def status(self) -> EngineStatus:
         """A snapshot for /health (plain reads of engine-thread state; good enough for a report)."""
         kv = self.scheduler.kv_slots
-        return EngineStatus(alive=self.alive, phase=self.phases.current.name, running=len(self.scheduler.running),
-                            waiting=len(self.scheduler.waiting), kv_slots=kv.num_slots, kv_slots_used=kv.num_used,
-                            kernel_backend=self.runner.adapters.backend)
+        return EngineStatus(
+            alive=self.alive,
+            phase=self.phases.current.name,
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_slots=kv.num_slots,
+            kv_slots_used=kv.num_used,
+            kernel_backend=self.runner.adapters.backend,
+        )
 
     # ---- engine thread -------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -139,8 +154,7 @@ class Engine:
     def admit(self, request: Request) -> None:
         """Queue a request for scheduling. Engine thread only (or tests driving `step` by hand)."""
         detok = IncrementalDetokenizer(self.tokenizer, request.params.stop)
-        self.scheduler.add(Sequence(request, list(request.prompt_ids), detok, self.eos_token_ids,
-                                    self.max_model_len))
+        self.scheduler.add(Sequence(request, list(request.prompt_ids), detok, self.eos_token_ids, self.max_model_len))
 
     def step(self) -> bool:
         """One engine step; False when nothing could run (all work held back or still loading)."""
@@ -175,10 +189,15 @@ class Engine:
                 self._publish(seq)
         for seq in finished:
             self._finish(seq, now)
-        self.observe(StepReport(seconds=time.perf_counter() - started, phase=phase.name,
-                                prompt_tokens=sum(n for _, n in batch.prefills),
-                                generated_tokens=sum(t is not None for t in tokens),
-                                first_token_seconds=first_tokens))
+        self.observe(
+            StepReport(
+                seconds=time.perf_counter() - started,
+                phase=phase.name,
+                prompt_tokens=sum(n for _, n in batch.prefills),
+                generated_tokens=sum(t is not None for t in tokens),
+                first_token_seconds=first_tokens,
+            )
+        )
         return True
 
     def restore_base(self) -> None:
@@ -186,14 +205,14 @@ class Engine:
         self.phases.enter(GATHERED)
 
     def _publish(self, seq: Sequence) -> None:
-        new_ids = seq.token_ids[seq.num_prompt + seq.emitted_tokens:]
+        new_ids = seq.token_ids[seq.num_prompt + seq.emitted_tokens :]
         seq.emitted_tokens += len(new_ids)
         seq.request.emit(TokenEvent(seq.request_id, new_ids, seq.detokenizer.take_delta(final=False)))
 
     def _finish(self, seq: Sequence, now: float) -> None:
         """Every request ends here exactly once: drop its sampler state and its adapter hold, emit
         the final event."""
-        new_ids = seq.token_ids[seq.num_prompt + seq.emitted_tokens:]
+        new_ids = seq.token_ids[seq.num_prompt + seq.emitted_tokens :]
         seq.emitted_tokens += len(new_ids)
         self.sampler.forget(seq.request_id)
         self.runner.adapters.finished(seq.version)
@@ -201,9 +220,17 @@ class Engine:
         if seq.first_token_time is not None and seq.num_generated > 1:
             tpot = (now - seq.first_token_time) / (seq.num_generated - 1)
         self._pending.finished.append((seq.finish_reason, tpot))
-        seq.request.emit(TokenEvent(seq.request_id, new_ids, seq.detokenizer.take_delta(final=True),
-                                    finish_reason=seq.finish_reason, prompt_tokens=seq.num_prompt,
-                                    completion_tokens=seq.num_generated, error=seq.error))
+        seq.request.emit(
+            TokenEvent(
+                seq.request_id,
+                new_ids,
+                seq.detokenizer.take_delta(final=True),
+                finish_reason=seq.finish_reason,
+                prompt_tokens=seq.num_prompt,
+                completion_tokens=seq.num_generated,
+                error=seq.error,
+            )
+        )
 
     def _fail(self, batch: ScheduledBatch, message: str) -> None:
         for seq in batch.decodes + [s for s, _ in batch.prefills]:
@@ -216,6 +243,12 @@ class Engine:
         """Everything /metrics learns from the engine, in one call per step (and after the inbox)."""
         pending, self._pending = self._pending, _Pending()
         kv = self.scheduler.kv_slots
-        self.metrics.observe(step=step, finished=pending.finished, waiting=len(self.scheduler.waiting),
-                             running=len(self.scheduler.running), kv_used_ratio=kv.num_used / kv.num_slots,
-                             phase=self.phases.current.name, phase_counts=self.phases.counts)
+        self.metrics.observe(
+            step=step,
+            finished=pending.finished,
+            waiting=len(self.scheduler.waiting),
+            running=len(self.scheduler.running),
+            kv_used_ratio=kv.num_used / kv.num_slots,
+            phase=self.phases.current.name,
+            phase_counts=self.phases.counts,
+        )

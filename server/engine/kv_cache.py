@@ -26,9 +26,9 @@ def bytes_per_slot(config: ModelConfig, max_len: int, dtype: torch.dtype) -> int
 
 @dataclass(slots=True)
 class KVCache:
-    keys: list[torch.Tensor]     # per layer [slots, KVH, max_len, D]
+    keys: list[torch.Tensor]  # per layer [slots, KVH, max_len, D]
     values: list[torch.Tensor]
-    written: list[int]           # per KV slot: positions [0, written) may hold a sequence's data
+    written: list[int]  # per KV slot: positions [0, written) may hold a sequence's data
 
     def note_written(self, kv_slot: int, end: int) -> None:
         if end > self.written[kv_slot]:
@@ -43,8 +43,9 @@ class KVCache:
                     cache[kv_slot, :, :end].zero_()
 
     @classmethod
-    def allocate(cls, config: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> "KVCache":
+    def allocate(
+        cls, config: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> KVCache:
         shape = (num_slots, config.num_kv_heads, max_len, config.head_dim)
         # On CPU torch.zeros maps untouched pages lazily, so a large budget costs memory only as it fills.
         keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Phase:
-    merged: str | None = None        # adapter version written into the weights; None = gathered
+    merged: str | None = None  # adapter version written into the weights; None = gathered
 
     def admits(self, version: str | None) -> bool:
         return self.merged is None or version == self.merged
@@ -49,7 +49,7 @@ class Work(Protocol):
     @property
     def version(self) -> str | None: ...
     @property
-    def mode(self) -> str: ...       # "auto" | "gathered" | "merged"
+    def mode(self) -> str: ...  # "auto" | "gathered" | "merged"
     @property
     def remaining_tokens(self) -> int: ...
 
@@ -58,9 +58,9 @@ class PhasePolicy:
     def __init__(self, max_wait_s: float, min_merge_steps: int = 48) -> None:
         self.max_wait_s = max_wait_s
         self.min_merge_steps = min_merge_steps
-        self._held_since: dict[str, float] = {}   # request -> when the current phase started holding it
+        self._held_since: dict[str, float] = {}  # request -> when the current phase started holding it
         self._owed: set[str] = set()
-        self.unmergeable: set[str] = set()         # versions whose merge failed: always gathered
+        self.unmergeable: set[str] = set()  # versions whose merge failed: always gathered
 
     def next_phase(self, current: Phase, work: list[Work], now: float) -> Phase:
         live = {w.request_id for w in work}
@@ -86,9 +86,9 @@ class PhasePolicy:
             return GATHERED
         held = [w for w in work if not current.admits(w.version)]
         if any(w.mode == "gathered" for w in held):
-            return GATHERED   # "gathered" requests are never held back by a merge
+            return GATHERED  # "gathered" requests are never held back by a merge
         if held and not any(w.mode == "merged" for w in work if w.version == current.merged):
-            return GATHERED   # an auto merge yields as soon as anyone else wants to run
+            return GATHERED  # an auto merge yields as soon as anyone else wants to run
         return current
 
     def _from_gathered(self, work: list[Work]) -> Phase:
@@ -97,13 +97,19 @@ class PhasePolicy:
         versions = {w.version for w in work}
         if len(versions) == 1:
             (version,) = versions
-            if (version is not None and version not in self.unmergeable and all(w.mode != "gathered" for w in work)
-                    and max(w.remaining_tokens for w in work) >= self.min_merge_steps):
+            if (
+                version is not None
+                and version not in self.unmergeable
+                and all(w.mode != "gathered" for w in work)
+                and max(w.remaining_tokens for w in work) >= self.min_merge_steps
+            ):
                 return Phase(version)
-        wanted = [w.version for w in work if w.mode == "merged" and w.version is not None
-                  and w.version not in self.unmergeable]
+        wanted = [
+            w.version
+            for w in work
+            if w.mode == "merged" and w.version is not None and w.version not in self.unmergeable
+        ]
         return Phase(wanted[0]) if wanted else GATHERED
-
 
 
 class WeightsSwitch(Protocol):

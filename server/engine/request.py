@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
-
 
 GREEDY_BELOW_TEMPERATURE = 1e-5
 
@@ -12,10 +11,10 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     max_tokens: int
-    temperature: float = 0.0      # 0 = greedy
+    temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
-    top_k: int = 0                # 0 = no top-k cut
-    seed: int | None = None       # same seed + same request = same tokens, whatever else is batched
+    top_k: int = 0  # 0 = no top-k cut
+    seed: int | None = None  # same seed + same request = same tokens, whatever else is batched
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
 
@@ -41,7 +40,7 @@ class TokenEvent:
     request_id: str
     token_ids: list[int]
     text: str
-    finish_reason: str | None = None   # "stop" | "length" | "abort" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: GenerationError | None = None
@@ -52,7 +51,7 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    emit: Callable[[TokenEvent], None]     # thread-safe sink into the HTTP handler's queue
-    adapter_version: str | None = None     # an adapter's identity is its version, never its name
-    mode: str = "auto"                     # "auto" | "gathered" | "merged" (see engine/phases.py)
+    emit: Callable[[TokenEvent], None]  # thread-safe sink into the HTTP handler's queue
+    adapter_version: str | None = None  # an adapter's identity is its version, never its name
+    mode: str = "auto"  # "auto" | "gathered" | "merged" (see engine/phases.py)
     arrival_time: float = field(default=0.0)

@@ -31,8 +31,13 @@ def _add_group(groups: list[TokenGroup], slot: int, start: int, end: int) -> Non
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, adapters: AdapterManager,
-                 observe_slot_load: Callable[[float], None] = lambda seconds: None) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        kv_cache: KVCache,
+        adapters: AdapterManager,
+        observe_slot_load: Callable[[float], None] = lambda seconds: None,
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.adapters = adapters
@@ -40,15 +45,17 @@ class ModelRunner:
         self.device = model.embed_tokens.weight.device
 
     def prepare(self, batch: ScheduledBatch) -> ForwardContext:
-        slot_of = {id(s): self.adapters.slot_of(s.request.adapter_version)
-                   for s in batch.decodes + [s for s, _ in batch.prefills]}
+        slot_of = {
+            id(s): self.adapters.slot_of(s.request.adapter_version)
+            for s in batch.decodes + [s for s, _ in batch.prefills]
+        }
         order = self.adapters.order_key
         decodes = sorted(batch.decodes, key=lambda s: (order(slot_of[id(s)]), s.kv_slot))
         ids: list[int] = []
         positions: list[int] = []
         kv_slots: list[int] = []
         groups: list[TokenGroup] = []
-        row_of: dict[int, int] = {}            # sequence -> row whose logits it samples from
+        row_of: dict[int, int] = {}  # sequence -> row whose logits it samples from
         for row, seq in enumerate(decodes):
             ids.append(seq.token_ids[seq.num_computed])
             positions.append(seq.num_computed)
@@ -60,14 +67,14 @@ class ModelRunner:
         for seq, n in batch.prefills:
             start, first_row = seq.num_computed, len(ids)
             prefills.append(PrefillSegment(first_row, n, seq.kv_slot, start))
-            ids.extend(seq.token_ids[start:start + n])
+            ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             kv_slots.extend([seq.kv_slot] * n)
             self.kv_cache.note_written(seq.kv_slot, start + n)
             row_of[id(seq)] = first_row + n - 1
             _add_group(groups, slot_of[id(seq)], first_row, first_row + n)
         decode_slots, decode_mask, attn_order = self._decode_layout(decodes)
-        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)   # noqa: E731
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         return ForwardContext(
             input_ids=as_tensor(ids),
             positions=as_tensor(positions),
@@ -81,8 +88,9 @@ class ModelRunner:
             adapters=self.adapters.plan(groups, len(ids), decode_only=not prefills),
         )
 
-    def _decode_layout(self, decodes: list[Sequence]) -> tuple[torch.Tensor | slice, torch.Tensor | None,
-                                                                torch.Tensor | None]:
+    def _decode_layout(
+        self, decodes: list[Sequence]
+    ) -> tuple[torch.Tensor | slice, torch.Tensor | None, torch.Tensor | None]:
         """KV slots of the decode rows in KV-slot order (a slice when contiguous), their key mask,
         and the row permutation into that order (None when rows already are in it)."""
         if not decodes:

@@ -20,7 +20,7 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > top_p   # keep the token that crosses top_p
+        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the token that crosses top_p
         logits = logits.clone()
         logits[order[drop]] = float("-inf")
     return logits

@@ -18,7 +18,7 @@ from typing import Protocol
 from server.adapters.slot_table import SlotTable
 from server.engine.kv_slots import KVSlotAllocator
 from server.engine.request import GenerationError
-from server.engine.sequence import Sequence, SeqStatus
+from server.engine.sequence import SeqStatus, Sequence
 
 
 class HostTier(Protocol):
@@ -30,9 +30,9 @@ class HostTier(Protocol):
 
 @dataclass(slots=True)
 class ScheduledBatch:
-    decodes: list[Sequence] = field(default_factory=list)              # one token each, sorted by KV slot
-    prefills: list[tuple[Sequence, int]] = field(default_factory=list) # (sequence, tokens this step)
-    failed: list[Sequence] = field(default_factory=list)               # ended before running (load failed)
+    decodes: list[Sequence] = field(default_factory=list)  # one token each, sorted by KV slot
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens this step)
+    failed: list[Sequence] = field(default_factory=list)  # ended before running (load failed)
 
     @property
     def empty(self) -> bool:
@@ -45,15 +45,16 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, kv_slots: KVSlotAllocator, max_batched_tokens: int, adapter_slots: SlotTable,
-                 host: HostTier) -> None:
+    def __init__(
+        self, kv_slots: KVSlotAllocator, max_batched_tokens: int, adapter_slots: SlotTable, host: HostTier
+    ) -> None:
         self.kv_slots = kv_slots
         self.adapter_slots = adapter_slots
         self.host = host
         self.max_batched_tokens = max_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self._released_kv: list[int] = []   # KV slots freed since the last step, to be wiped first
+        self._released_kv: list[int] = []  # KV slots freed since the last step, to be wiped first
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)

@@ -18,15 +18,15 @@ class SeqStatus(enum.Enum):
 @dataclass(slots=True)
 class Sequence:
     request: Request
-    token_ids: list[int]                 # prompt followed by generated tokens
+    token_ids: list[int]  # prompt followed by generated tokens
     detokenizer: IncrementalDetokenizer
     eos_token_ids: frozenset[int]
-    max_len: int                         # the model context this sequence may fill
-    num_computed: int = 0                # tokens whose K/V are already in the cache
+    max_len: int  # the model context this sequence may fill
+    num_computed: int = 0  # tokens whose K/V are already in the cache
     kv_slot: int | None = None
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
-    error: GenerationError | None = None # why, when finish_reason is "error"
+    error: GenerationError | None = None  # why, when finish_reason is "error"
     first_token_time: float | None = None
     emitted_tokens: int = field(default=0)
 

@@ -25,8 +25,8 @@ class ModelConfig:
     rope_scaling: dict | None
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool        # biases on q/k/v (Qwen2 always, Llama when attention_bias is set)
-    o_proj_bias: bool           # Llama's attention_bias also covers o_proj; Qwen2's o_proj has none
+    attention_bias: bool  # biases on q/k/v (Qwen2 always, Llama when attention_bias is set)
+    o_proj_bias: bool  # Llama's attention_bias also covers o_proj; Qwen2's o_proj has none
     mlp_bias: bool
     eos_token_ids: tuple[int, ...] = field(default=())
     bos_token_id: int | None = None
@@ -57,8 +57,10 @@ def load_model_config(model_dir: Path) -> ModelConfig:
     raw = json.loads(path.read_text())
     model_type = raw.get("model_type", "")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelLoadError(f"model_type {model_type!r} is not a Llama-family decoder we support "
-                             f"({', '.join(sorted(SUPPORTED_MODEL_TYPES))})")
+        raise ModelLoadError(
+            f"model_type {model_type!r} is not a Llama-family decoder we support "
+            f"({', '.join(sorted(SUPPORTED_MODEL_TYPES))})"
+        )
     if raw.get("hidden_act", "silu") != "silu":
         raise ModelLoadError(f"hidden_act {raw['hidden_act']!r} is not supported (SwiGLU with silu only)")
     theta, scaling = _rope_fields(raw)

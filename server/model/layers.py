@@ -26,15 +26,15 @@ class RMSNorm(nn.Module):
 class TargetSlice:
     """One adapter-targetable projection inside a (possibly packed) linear layer."""
 
-    path: str          # module path in the Hugging Face checkpoint, e.g. "model.layers.3.self_attn.k_proj"
-    out_start: int     # first output column of this projection in the packed weight
+    path: str  # module path in the Hugging Face checkpoint, e.g. "model.layers.3.self_attn.k_proj"
+    out_start: int  # first output column of this projection in the packed weight
     out_features: int
 
 
 class AdapterDelta(Protocol):
     """Per-step adapter plan: adds every active adapter's contribution to a layer's base output."""
 
-    def apply(self, layer: "AdaptedLinear", x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+    def apply(self, layer: AdaptedLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
 
 class AdaptedLinear(nn.Module):
@@ -52,7 +52,7 @@ class AdaptedLinear(nn.Module):
         self.out_features = out_features
         self.slices = slices
         self.layer_index = layer_index
-        self.key = slices[0].path   # unique per layer; adapters' per-layer factors are keyed by it
+        self.key = slices[0].path  # unique per layer; adapters' per-layer factors are keyed by it
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 

@@ -30,23 +30,25 @@ class Attention(nn.Module):
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         prefix = f"model.layers.{index}.self_attn"
         self.qkv_proj = AdaptedLinear(
             config.hidden_size,
             _slices(prefix, [("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)]),
-            bias=config.attention_bias, layer_index=index,
+            bias=config.attention_bias,
+            layer_index=index,
         )
-        self.o_proj = AdaptedLinear(q_size,
-                                    _slices(prefix, [("o_proj", config.hidden_size)]),
-                                    bias=config.o_proj_bias, layer_index=index)
+        self.o_proj = AdaptedLinear(
+            q_size, _slices(prefix, [("o_proj", config.hidden_size)]), bias=config.o_proj_bias, layer_index=index
+        )
         self.index = index
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, ctx: ForwardContext, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        qkv = self.qkv_proj(x, ctx.adapters)                      # [T, (H + 2 KVH) * D]
+        qkv = self.qkv_proj(x, ctx.adapters)  # [T, (H + 2 KVH) * D]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = apply_rope(q.view(num_tokens, self.num_heads, self.head_dim), ctx.cos, ctx.sin)
@@ -56,7 +58,7 @@ class Attention(nn.Module):
         k_cache[ctx.kv_slots, :, ctx.positions] = k
         v_cache[ctx.kv_slots, :, ctx.positions] = v
 
-        out = torch.empty_like(q)                                  # [T, H, D]
+        out = torch.empty_like(q)  # [T, H, D]
         if ctx.num_decode:
             order = ctx.decode_attn_order
             if order is None:
@@ -68,33 +70,34 @@ class Attention(nn.Module):
             out[rows] = self._prefill(q[rows], seg.kv_slot, seg.start_pos, k_cache, v_cache)
         return self.o_proj(out.view(num_tokens, -1), ctx.adapters)
 
-    def _decode(self, q: torch.Tensor, ctx: ForwardContext,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def _decode(
+        self, q: torch.Tensor, ctx: ForwardContext, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
         """One query per sequence; the query heads sharing a KV head ride in its query dimension."""
         batch = q.shape[0]
         max_ctx = ctx.decode_mask.shape[-1]
-        keys = k_cache[ctx.decode_slots, :, :max_ctx]              # [B, KVH, L, D] (a view when contiguous)
+        keys = k_cache[ctx.decode_slots, :, :max_ctx]  # [B, KVH, L, D] (a view when contiguous)
         values = v_cache[ctx.decode_slots, :, :max_ctx]
         group = self.num_heads // self.num_kv_heads
         q = q.view(batch, self.num_kv_heads, group, self.head_dim)  # [B, KVH, G, D]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.decode_mask, scale=self.scale)
         return out.reshape(batch, self.num_heads, self.head_dim)
 
-    def _prefill(self, q: torch.Tensor, slot: int, start: int,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def _prefill(
+        self, q: torch.Tensor, slot: int, start: int, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
         n = q.shape[0]
-        keys = k_cache[slot, :, : start + n].unsqueeze(0)          # [1, KVH, L, D]
+        keys = k_cache[slot, :, : start + n].unsqueeze(0)  # [1, KVH, L, D]
         values = v_cache[slot, :, : start + n].unsqueeze(0)
-        q = q.transpose(0, 1).unsqueeze(0)                         # [1, H, n, D]
+        q = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         if start == 0:
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale,
-                                                 enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale, enable_gqa=True)
         else:  # a later chunk sees the whole cached prefix plus its own causal part
-            visible = (torch.arange(start + n, device=q.device)
-                       <= (start + torch.arange(n, device=q.device)).unsqueeze(1))           # [n, L]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=self.scale,
-                                                 enable_gqa=True)
-        return out[0].transpose(0, 1)                              # [n, H, D]
+            visible = torch.arange(start + n, device=q.device) <= (start + torch.arange(n, device=q.device)).unsqueeze(
+                1
+            )  # [n, L]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=self.scale, enable_gqa=True)
+        return out[0].transpose(0, 1)  # [n, H, D]
 
 
 class MLP(nn.Module):
@@ -102,10 +105,15 @@ class MLP(nn.Module):
         super().__init__()
         size = config.intermediate_size
         prefix = f"model.layers.{index}.mlp"
-        self.gate_up_proj = AdaptedLinear(config.hidden_size, _slices(prefix, [("gate_proj", size), ("up_proj", size)]),
-                                          bias=config.mlp_bias, layer_index=index)
-        self.down_proj = AdaptedLinear(size, _slices(prefix, [("down_proj", config.hidden_size)]),
-                                       bias=config.mlp_bias, layer_index=index)
+        self.gate_up_proj = AdaptedLinear(
+            config.hidden_size,
+            _slices(prefix, [("gate_proj", size), ("up_proj", size)]),
+            bias=config.mlp_bias,
+            layer_index=index,
+        )
+        self.down_proj = AdaptedLinear(
+            size, _slices(prefix, [("down_proj", config.hidden_size)]), bias=config.mlp_bias, layer_index=index
+        )
         self.intermediate_size = size
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -121,8 +129,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, index)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, ctx: ForwardContext, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx, k_cache, v_cache)
         return x + self.mlp(self.post_attention_layernorm(x), ctx)
 
@@ -134,9 +143,11 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = (
+            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
         cos, sin = rope_tables(config, max_len, dtype)
-        self.register_buffer("rope_cos", cos, persistent=False)   # [max_len, D]
+        self.register_buffer("rope_cos", cos, persistent=False)  # [max_len, D]
         self.register_buffer("rope_sin", sin, persistent=False)
         self.requires_grad_(False)
 
@@ -144,14 +155,13 @@ class LlamaModel(nn.Module):
         return [m for m in self.modules() if isinstance(m, AdaptedLinear)]
 
     @torch.inference_mode()
-    def forward(self, ctx: ForwardContext, k_caches: list[torch.Tensor],
-                v_caches: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, ctx: ForwardContext, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
         """Return next-token logits [len(ctx.logits_rows), vocab] in float32."""
-        ctx.cos = self.rope_cos[ctx.positions].unsqueeze(1)       # [T, 1, D]
+        ctx.cos = self.rope_cos[ctx.positions].unsqueeze(1)  # [T, 1, D]
         ctx.sin = self.rope_sin[ctx.positions].unsqueeze(1)
-        x = self.embed_tokens(ctx.input_ids)                      # [T, hidden]
+        x = self.embed_tokens(ctx.input_ids)  # [T, hidden]
         for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches):
             x = layer(x, ctx, k_cache, v_cache)
-        x = self.norm(x[ctx.logits_rows])                         # only rows we sample from
+        x = self.norm(x[ctx.logits_rows])  # only rows we sample from
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head).float()

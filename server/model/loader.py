@@ -50,8 +50,7 @@ def _load_adapted(linear: AdaptedLinear, tensors: dict[str, torch.Tensor]) -> No
             _copy(linear.bias[rows], tensors.pop(f"{s.path}.bias"), f"{s.path}.bias")
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, max_len: int,
-               device: torch.device | str = "cpu") -> LlamaModel:
+def load_model(model_dir: Path, dtype: torch.dtype, max_len: int, device: torch.device | str = "cpu") -> LlamaModel:
     config = load_model_config(model_dir)
     with torch.device("meta"):
         model = LlamaModel(config, max_len, dtype)
@@ -66,10 +65,17 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_len: int,
             for i, layer in enumerate(model.layers):
                 prefix = f"model.layers.{i}"
                 _copy(layer.input_layernorm.weight, tensors.pop(f"{prefix}.input_layernorm.weight"), prefix)
-                _copy(layer.post_attention_layernorm.weight,
-                      tensors.pop(f"{prefix}.post_attention_layernorm.weight"), prefix)
-                for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                               layer.mlp.gate_up_proj, layer.mlp.down_proj):
+                _copy(
+                    layer.post_attention_layernorm.weight,
+                    tensors.pop(f"{prefix}.post_attention_layernorm.weight"),
+                    prefix,
+                )
+                for linear in (
+                    layer.self_attn.qkv_proj,
+                    layer.self_attn.o_proj,
+                    layer.mlp.gate_up_proj,
+                    layer.mlp.down_proj,
+                ):
                     _load_adapted(linear, tensors)
             if model.lm_head is not None:
                 _copy(model.lm_head.weight, tensors.pop("lm_head.weight"), "lm_head.weight")

@@ -51,8 +51,8 @@ def rope_tables(config: ModelConfig, max_len: int, dtype: torch.dtype) -> tuple[
     """cos and sin tables [max_len, head_dim] in the model dtype, computed in float32."""
     inv_freq, attention_scaling = inverse_frequencies(config, max_len)
     positions = torch.arange(max_len, dtype=torch.float32)
-    freqs = torch.outer(positions, inv_freq)           # [max_len, head_dim/2]
-    emb = torch.cat((freqs, freqs), dim=-1)            # [max_len, head_dim]
+    freqs = torch.outer(positions, inv_freq)  # [max_len, head_dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [max_len, head_dim]
     return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
 
 

@@ -62,8 +62,9 @@ class TextTokenizer:
         if self._chat_template is None:
             raise InvalidRequest("this model has no chat template; send a plain 'prompt' instead of 'messages'")
         try:
-            return self._chat_template.render(messages=messages, add_generation_prompt=True,
-                                              bos_token=self.bos_token, eos_token=self.eos_token)
+            return self._chat_template.render(
+                messages=messages, add_generation_prompt=True, bos_token=self.bos_token, eos_token=self.eos_token
+            )
         except TemplateError as exc:
             raise InvalidRequest(f"chat template rejected the messages: {exc}") from None
 

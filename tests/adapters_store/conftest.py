@@ -15,16 +15,22 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tests.peft_helpers import perturb
 from adapters_store import BaseModelSpec, TargetLayer
+from tests.peft_helpers import perturb
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(1234)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=300)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -61,8 +67,11 @@ def proj_names() -> tuple[str, ...]:
 def _adalora_rank_pattern(peft_model, init_r: int, seed: int) -> dict[str, list[bool]]:
     """Uneven masks: one layer pruned to rank 0, one kept full, the rest random."""
     g = torch.Generator().manual_seed(seed)
-    paths = sorted(n[len("base_model.model."):] for n, m in peft_model.named_modules() if hasattr(m, "lora_E")
-                   and n.startswith("base_model.model."))
+    paths = sorted(
+        n[len("base_model.model.") :]
+        for n, m in peft_model.named_modules()
+        if hasattr(m, "lora_E") and n.startswith("base_model.model.")
+    )
     pattern = {}
     for i, path in enumerate(paths):
         if i == 0:
@@ -75,8 +84,9 @@ def _adalora_rank_pattern(peft_model, init_r: int, seed: int) -> dict[str, list[
     return pattern
 
 
-def build_adapter(base_model, config, tmp_dir: Path, seed: int, adalora_init_r: int | None = None,
-                  noise_scale: float = 0.1):
+def build_adapter(
+    base_model, config, tmp_dir: Path, seed: int, adalora_init_r: int | None = None, noise_scale: float = 0.1
+):
     """Wrap a copy of the base, perturb, save; returns (config_bytes, weights_bytes, loaded PeftModel)."""
     from peft import PeftModel, get_peft_model
 
@@ -98,18 +108,29 @@ def adapters(base_model, tmp_path_factory):
 
     configs = {
         "lora_bias": (LoraConfig(r=4, lora_alpha=16, target_modules=list(PROJ), lora_bias=True), None),
-        "rslora": (LoraConfig(
-            r=8, lora_alpha=8, use_rslora=True, target_modules=list(PROJ),
-            # First matching key wins: layer-1 k_proj gets 6, layer-0 k_proj gets 4. PEFT writes the
-            # config with sorted keys, so the order must also hold after sorting.
-            rank_pattern={"model.layers.1.self_attn.k_proj": 6, "self_attn.k_proj": 4,
-                          "model.layers.1.mlp.down_proj": 2},
-            alpha_pattern={"v_proj": 32, "layers.0.self_attn.q_proj": 3, "gate_proj": 5.5}), None),
+        "rslora": (
+            LoraConfig(
+                r=8,
+                lora_alpha=8,
+                use_rslora=True,
+                target_modules=list(PROJ),
+                # First matching key wins: layer-1 k_proj gets 6, layer-0 k_proj gets 4. PEFT writes the
+                # config with sorted keys, so the order must also hold after sorting.
+                rank_pattern={
+                    "model.layers.1.self_attn.k_proj": 6,
+                    "self_attn.k_proj": 4,
+                    "model.layers.1.mlp.down_proj": 2,
+                },
+                alpha_pattern={"v_proj": 32, "layers.0.self_attn.q_proj": 3, "gate_proj": 5.5},
+            ),
+            None,
+        ),
         "dora": (LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=list(PROJ)), None),
-        "adalora": (AdaLoraConfig(init_r=6, target_r=3, lora_alpha=8, total_step=10,
-                                  target_modules=list(PROJ)), 6),
-        "adalora_alpha0": (AdaLoraConfig(init_r=4, target_r=2, lora_alpha=0, total_step=10,
-                                         target_modules=["q_proj", "v_proj"]), 4),
+        "adalora": (AdaLoraConfig(init_r=6, target_r=3, lora_alpha=8, total_step=10, target_modules=list(PROJ)), 6),
+        "adalora_alpha0": (
+            AdaLoraConfig(init_r=4, target_r=2, lora_alpha=0, total_step=10, target_modules=["q_proj", "v_proj"]),
+            4,
+        ),
     }
     out = {}
     for i, (name, (cfg, init_r)) in enumerate(configs.items()):
@@ -131,12 +152,25 @@ def projected_configs() -> dict:
         "vera_noproj": (VeraConfig(r=16, projection_prng_key=9, target_modules=QKVO, save_projection=False), 1.0),
         "vera_all_r7": (VeraConfig(r=7, projection_prng_key=123, target_modules="all-linear"), 1.0),
         "randlora": (RandLoraConfig(r=8, randlora_alpha=16, target_modules=QKVO), 0.1),
-        "randlora_noproj": (RandLoraConfig(r=6, randlora_alpha=30, projection_prng_key=1, target_modules=QKVO,
-                                           save_projection=False), 0.1),
-        "randlora_sparse_all": (RandLoraConfig(r=7, randlora_alpha=14, projection_prng_key=3, sparse=True,
-                                               target_modules=list(PROJ)), 0.1),
-        "randlora_vsparse_noproj": (RandLoraConfig(r=8, randlora_alpha=640, projection_prng_key=11, very_sparse=True,
-                                                   target_modules=QKVO, save_projection=False), 0.01),
+        "randlora_noproj": (
+            RandLoraConfig(r=6, randlora_alpha=30, projection_prng_key=1, target_modules=QKVO, save_projection=False),
+            0.1,
+        ),
+        "randlora_sparse_all": (
+            RandLoraConfig(r=7, randlora_alpha=14, projection_prng_key=3, sparse=True, target_modules=list(PROJ)),
+            0.1,
+        ),
+        "randlora_vsparse_noproj": (
+            RandLoraConfig(
+                r=8,
+                randlora_alpha=640,
+                projection_prng_key=11,
+                very_sparse=True,
+                target_modules=QKVO,
+                save_projection=False,
+            ),
+            0.01,
+        ),
     }
 
 

@@ -48,15 +48,26 @@ def _tamper(w_b: bytes, kind: str) -> bytes:
     return st_save(t, metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("name", ["vera", "vera_noproj", "vera_all_r7", "randlora", "randlora_noproj",
-                                  "randlora_sparse_all", "randlora_vsparse_noproj"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "vera",
+        "vera_noproj",
+        "vera_all_r7",
+        "randlora",
+        "randlora_noproj",
+        "randlora_sparse_all",
+        "randlora_vsparse_noproj",
+    ],
+)
 def test_round_trip_projected(projected_adapters, base_spec, name):
     cfg_b, w_b, _ = projected_adapters[name]
     parsed = parse_adapter(cfg_b, w_b, base_spec)
     files = canonical_files(cfg_b, w_b, parsed)
     assert set(files) == {CFG, W} and files[CFG] == cfg_b  # config kept byte for byte
-    assert not any(k.startswith(f"base_model.{parsed.kind}_") or k.endswith(("_A", "_B"))
-                   for k in st_load(files[W])), "seed projections must be dropped"
+    assert not any(k.startswith(f"base_model.{parsed.kind}_") or k.endswith(("_A", "_B")) for k in st_load(files[W])), (
+        "seed projections must be dropped"
+    )
     assert_same(parsed, parse_adapter(files[CFG], files[W], base_spec))
     assert canonical_files(cfg_b, w_b, parsed) == files  # deterministic -> stable content version
 

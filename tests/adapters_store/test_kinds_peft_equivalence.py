@@ -20,7 +20,7 @@ def peft_layers(loaded):
     out = {}
     for name, mod in loaded.named_modules():
         if name.startswith(PREFIX) and hasattr(mod, "lora_A") and hasattr(mod, "get_delta_weight"):
-            out[name[len(PREFIX):]] = mod
+            out[name[len(PREFIX) :]] = mod
     return out
 
 
@@ -82,8 +82,9 @@ def test_lora_bias_forward_matches_peft(adapters, base_spec):
     for path, mod in peft_layers(loaded).items():
         f = parsed.layers[path]
         assert f.bias is not None
-        torch.testing.assert_close(f.bias, mod.lora_B["default"].bias.detach() * mod.scaling["default"],
-                                   rtol=0, atol=1e-7)
+        torch.testing.assert_close(
+            f.bias, mod.lora_B["default"].bias.detach() * mod.scaling["default"], rtol=0, atol=1e-7
+        )
         x = torch.randn(5, f.A.shape[1], generator=g)
         with torch.no_grad():
             ref = mod(x)
@@ -130,8 +131,9 @@ def test_half_precision_files(adapters, base_model, base_spec, tmp_path, dtype):
     loaded = PeftModel.from_pretrained(copy.deepcopy(base_model), tmp_path)
     for path, mod in peft_layers(loaded).items():
         assert mod.lora_A["default"].weight.dtype == torch.float32
-        torch.testing.assert_close(parsed.delta_weight(path), mod.get_delta_weight("default").detach(),
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            parsed.delta_weight(path), mod.get_delta_weight("default").detach(), rtol=0, atol=1e-6
+        )
 
 
 def test_fan_in_fan_out_is_ignored_for_linear(adapters, base_spec):

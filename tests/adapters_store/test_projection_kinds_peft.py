@@ -24,14 +24,24 @@ from adapters_store import (
 )
 
 PREFIX = "base_model.model."
-NAMES = ["vera", "vera_noproj", "vera_all_r7", "randlora", "randlora_noproj", "randlora_sparse_all",
-         "randlora_vsparse_noproj"]
+NAMES = [
+    "vera",
+    "vera_noproj",
+    "vera_all_r7",
+    "randlora",
+    "randlora_noproj",
+    "randlora_sparse_all",
+    "randlora_vsparse_noproj",
+]
 
 
 def peft_layers(loaded, kind: str):
     marker = "vera_lambda_d" if kind == "vera" else "randlora_lambda"
-    return {n[len(PREFIX):]: m for n, m in loaded.named_modules()
-            if n.startswith(PREFIX) and hasattr(m, marker) and hasattr(m, "get_delta_weight")}
+    return {
+        n[len(PREFIX) :]: m
+        for n, m in loaded.named_modules()
+        if n.startswith(PREFIX) and hasattr(m, marker) and hasattr(m, "get_delta_weight")
+    }
 
 
 def layer_forward(parsed: ParsedAdapter, path: str, x: torch.Tensor) -> torch.Tensor:

@@ -31,8 +31,10 @@ def _checkpoints():
     return {
         "vera_r16_k0_qkvo": (VeraConfig(r=16, target_modules=QKVO), ((16, 64), (64, 16))),
         "vera_r7_k123_all": (VeraConfig(r=7, projection_prng_key=123, target_modules=ALL), ((7, 128), (128, 7))),
-        "vera_r16_k5_kv": (VeraConfig(r=16, projection_prng_key=5, target_modules=["k_proj", "v_proj"]),
-                           ((16, 64), (32, 16))),
+        "vera_r16_k5_kv": (
+            VeraConfig(r=16, projection_prng_key=5, target_modules=["k_proj", "v_proj"]),
+            ((16, 64), (32, 16)),
+        ),
         "vera_r8_k2_down": (VeraConfig(r=8, projection_prng_key=2, target_modules=["down_proj"]), ((8, 128), (64, 8))),
         "rl_r8_k0_qkvo": (R(r=8, target_modules=QKVO), ((8, 1, 64), (64, 8, 8))),
         "rl_r7_k99_all": (R(r=7, projection_prng_key=99, target_modules=ALL), ((7, 1, 128), (128, 19, 7))),
@@ -43,10 +45,14 @@ def _checkpoints():
         "rl_vsparse_r7_k4_all": (R(r=7, projection_prng_key=4, very_sparse=True, target_modules=ALL), None),
         "rl_vsparse_r8_k11_qkvo": (R(r=8, projection_prng_key=11, very_sparse=True, target_modules=QKVO), None),
         # Beyond §6.3: non-square families, where very_sparse's sqrt(min(O, I)) differs from sqrt(max).
-        "rl_vsparse_r4_k6_kv": (R(r=4, projection_prng_key=6, very_sparse=True, target_modules=["k_proj", "v_proj"]),
-                                ((4, 1, 32), (64, 8, 4))),
-        "rl_sparse_r5_k2_gate": (R(r=5, projection_prng_key=2, sparse=True, target_modules=["gate_proj"]),
-                                 ((5, 1, 64), (128, 13, 5))),
+        "rl_vsparse_r4_k6_kv": (
+            R(r=4, projection_prng_key=6, very_sparse=True, target_modules=["k_proj", "v_proj"]),
+            ((4, 1, 32), (64, 8, 4)),
+        ),
+        "rl_sparse_r5_k2_gate": (
+            R(r=5, projection_prng_key=2, sparse=True, target_modules=["gate_proj"]),
+            ((5, 1, 64), (128, 13, 5)),
+        ),
     }
 
 
@@ -63,8 +69,10 @@ def _save(base_model, config, tmp_path):
 
 @pytest.fixture(scope="module")
 def saved(base_model, tmp_path_factory):
-    return {name: (_save(base_model, cfg, tmp_path_factory.mktemp(name)), shapes)
-            for name, (cfg, shapes) in _checkpoints().items()}
+    return {
+        name: (_save(base_model, cfg, tmp_path_factory.mktemp(name)), shapes)
+        for name, (cfg, shapes) in _checkpoints().items()
+    }
 
 
 @pytest.mark.parametrize("name", list(_checkpoints()))
@@ -96,8 +104,12 @@ def test_dtype_and_sparsity_choices_matter(saved, base_spec):
     (cfg_b, w_b), _ = saved["rl_r8_k0_qkvo"]
     ref = st_load(w_b)["base_model.randlora_A"]
     fam = parse_adapter(cfg_b, w_b, base_spec).family
-    for other in (dataclasses.replace(fam, basis_dtype="float32"), dataclasses.replace(fam, basis_dtype="float16"),
-                  dataclasses.replace(fam, seed=1), dataclasses.replace(fam, sparsity="sparse", basis_dtype="float32")):
+    for other in (
+        dataclasses.replace(fam, basis_dtype="float32"),
+        dataclasses.replace(fam, basis_dtype="float16"),
+        dataclasses.replace(fam, seed=1),
+        dataclasses.replace(fam, sparsity="sparse", basis_dtype="float32"),
+    ):
         assert not torch.equal(generate_projections(other)[0], ref)
     (cfg_b, w_b), _ = saved["vera_r16_k5_kv"]
     fam = parse_adapter(cfg_b, w_b, base_spec).family

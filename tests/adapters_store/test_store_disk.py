@@ -163,8 +163,9 @@ def test_delete_removes_current_first(tmp_path, monkeypatch):
     assert not (tmp_path / "a").exists()
 
 
-@pytest.mark.parametrize("bad", ["", ".hidden", "..", "../etc", "a/b", "a..b", "x" * 65, "-lead", "sp ace",
-                                 "a\x00b", "é"])
+@pytest.mark.parametrize(
+    "bad", ["", ".hidden", "..", "../etc", "a/b", "a..b", "x" * 65, "-lead", "sp ace", "a\x00b", "é"]
+)
 def test_invalid_adapter_ids(tmp_path, bad):
     with pytest.raises(InvalidAdapterId) as info:
         validate_adapter_id(bad)

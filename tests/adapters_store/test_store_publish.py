@@ -28,8 +28,13 @@ def big_files(size: int, seed: int = 0) -> dict[str, bytes]:
     return {"adapter_config.json": b'{"peft_type": "LORA"}', "adapter_model.safetensors": rng.randbytes(size)}
 
 
-SIZES = [store_mod.DIRECT_MIN_BYTES - 1, store_mod.DIRECT_MIN_BYTES, store_mod.DIRECT_CHUNK,
-         store_mod.DIRECT_CHUNK + 1, 2 * store_mod.DIRECT_CHUNK + 4097]
+SIZES = [
+    store_mod.DIRECT_MIN_BYTES - 1,
+    store_mod.DIRECT_MIN_BYTES,
+    store_mod.DIRECT_CHUNK,
+    store_mod.DIRECT_CHUNK + 1,
+    2 * store_mod.DIRECT_CHUNK + 4097,
+]
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -83,6 +88,7 @@ def test_failed_publish_leaves_store_identical(tmp_path, monkeypatch, fail, exis
             if hit and (fail != "write" or len(args[1]) > 1000):  # "write": the big file's
                 raise OSError(errno.ENOSPC, "simulated failure")
             return real[name](*args, **kwargs)
+
         return fn
 
     for name in real:
@@ -107,10 +113,12 @@ def test_one_fsync_of_the_adapter_dir_covers_both_renames(tmp_path, monkeypatch)
         return fd
 
     monkeypatch.setattr(store_mod.os, "open", rec_open)
-    monkeypatch.setattr(store_mod.os, "replace", lambda s, d: (events.append(("replace", Path(d).name)),
-                                                              real_replace(s, d))[1])
-    monkeypatch.setattr(store_mod.os, "fsync", lambda fd: (events.append(("fsync", fd_paths.get(fd))),
-                                                          real_fsync(fd))[1])
+    monkeypatch.setattr(
+        store_mod.os, "replace", lambda s, d: (events.append(("replace", Path(d).name)), real_replace(s, d))[1]
+    )
+    monkeypatch.setattr(
+        store_mod.os, "fsync", lambda fd: (events.append(("fsync", fd_paths.get(fd))), real_fsync(fd))[1]
+    )
     v2 = st.publish("a", FILES_V2, {})
     monkeypatch.undo()
     first_replace = events.index(("replace", v2))
@@ -182,15 +190,17 @@ def test_kill_9_while_publishing_leaves_old_or_new(tmp_path):
     last acknowledged version or the one that was being published, complete, and nothing else."""
 
     def version_of(i: int) -> str:
-        return content_version({"adapter_config.json": b"{}",
-                                "adapter_model.safetensors": random.Random(i).randbytes(1_500_000 + i)})
+        return content_version(
+            {"adapter_config.json": b"{}", "adapter_model.safetensors": random.Random(i).randbytes(1_500_000 + i)}
+        )
 
     rng = random.Random(0)
     store_dir = tmp_path / "store"
     first = 0
     for kill in range(6):
-        child = subprocess.Popen([sys.executable, "-c", CHILD, str(REPO), str(store_dir), str(first)],
-                                 stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(REPO), str(store_dir), str(first)], stdout=subprocess.PIPE, text=True
+        )
         assert child.stdout is not None
         acks = [child.stdout.readline().split() for _ in range(rng.randint(1, 4))]
         time.sleep(rng.uniform(0, 0.03))  # about one publish: the kill lands anywhere in it
@@ -242,8 +252,11 @@ def test_refused_or_failed_prewrite_leaves_store_identical(tmp_path, monkeypatch
     files = big_files(2 << 20)
     real_write = os.write
     if fail == "write":
-        monkeypatch.setattr(store_mod.os, "write", lambda fd, b: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
-                            if len(b) > 1000 else real_write(fd, b))
+        monkeypatch.setattr(
+            store_mod.os,
+            "write",
+            lambda fd, b: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")) if len(b) > 1000 else real_write(fd, b),
+        )
     if fail == "fsync":
         monkeypatch.setattr(store_mod.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "io")))
     pre = st.prewrite("adapter_model.safetensors", files["adapter_model.safetensors"])

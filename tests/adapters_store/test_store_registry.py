@@ -12,6 +12,7 @@ from adapters_store import AdapterInfo, AdapterRegistry, LayerFactors, ParsedAda
 def _parsed() -> ParsedAdapter:
     def lf(r, out=8, inp=4):
         return LayerFactors(A=torch.zeros(r, inp), B=torch.zeros(out, r))
+
     layers = {"m.l0.q_proj": lf(2), "m.l0.k_proj": lf(4), "m.l1.q_proj": lf(4)}
     return ParsedAdapter(kind="adalora", layers=layers, target_modules=["k_proj", "q_proj"])
 

@@ -56,15 +56,18 @@ def raw_file(header: dict | str | bytes, data: bytes = b"", header_len: int | No
 
 def mixed_file() -> bytes:
     g = torch.Generator().manual_seed(0)
-    return st_save({
-        P + "q_proj.lora_A.weight": torch.randn(4, 8, generator=g),
-        P + "q_proj.lora_B.weight": torch.randn(8, 4, generator=g).half(),
-        P + "k_proj.lora_A.weight": torch.randn(4, 8, generator=g).bfloat16(),
-        P + "k_proj.lora_B.weight": torch.randn(8, 4, generator=g).double(),
-        "counts": torch.arange(6, dtype=torch.int32).reshape(2, 3),
-        "empty": torch.zeros(0, 5),
-        "scalar": torch.tensor(3.5),
-    }, metadata={"format": "pt", "note": "x"})
+    return st_save(
+        {
+            P + "q_proj.lora_A.weight": torch.randn(4, 8, generator=g),
+            P + "q_proj.lora_B.weight": torch.randn(8, 4, generator=g).half(),
+            P + "k_proj.lora_A.weight": torch.randn(4, 8, generator=g).bfloat16(),
+            P + "k_proj.lora_B.weight": torch.randn(8, 4, generator=g).double(),
+            "counts": torch.arange(6, dtype=torch.int32).reshape(2, 3),
+            "empty": torch.zeros(0, 5),
+            "scalar": torch.tensor(3.5),
+        },
+        metadata={"format": "pt", "note": "x"},
+    )
 
 
 def header_and_data(data: bytes) -> tuple[dict, bytes]:
@@ -119,7 +122,9 @@ def header_cases() -> dict[str, bytes]:
     cases["header leading space"] = raw_file(" " + json.dumps(header), data)
     cases["header leading newline"] = raw_file("\n" + json.dumps(header), data)
     cases["header not utf-8"] = raw_file(b'{"\xff":1}')
-    cases["header lone surrogate key"] = raw_file(json.dumps({"\ud800": header[key], **{k: v for k, v in header.items() if k != key}}, ensure_ascii=True), data)
+    cases["header lone surrogate key"] = raw_file(
+        json.dumps({"\ud800": header[key], **{k: v for k, v in header.items() if k != key}}, ensure_ascii=True), data
+    )
     cases["header NaN"] = raw_file('{"__metadata__":{"a":NaN}}')
     cases["header trailing garbage"] = raw_file(json.dumps(header) + "x", data)
     cases["header trailing NUL"] = raw_file(json.dumps(header).encode() + b"\0\0", data)
@@ -136,7 +141,9 @@ def header_cases() -> dict[str, bytes]:
     cases["header length +1"] = mixed_file()[:8] + b"x"
     cases["shorter than 8 bytes"] = b"\x01\0\0"
     cases["zero-size only"] = raw_file({"e": {"dtype": "F32", "shape": [0, 3], "data_offsets": [0, 0]}})
-    cases["zero-size with bytes"] = raw_file({"e": {"dtype": "F32", "shape": [0, 3], "data_offsets": [0, 4]}}, b"\0" * 4)
+    cases["zero-size with bytes"] = raw_file(
+        {"e": {"dtype": "F32", "shape": [0, 3], "data_offsets": [0, 4]}}, b"\0" * 4
+    )
     return cases
 
 
@@ -190,10 +197,13 @@ def test_accepted_files_give_the_same_tensors(name, data):
 
 def lora_bytes(dtype=torch.float32, seed=0) -> bytes:
     g = torch.Generator().manual_seed(seed)
-    return st_save({
-        P + f"{m}.lora_{ab}.weight": torch.randn(*((4, 64) if ab == "A" else (64, 4)), generator=g).to(dtype)
-        for m in ("q_proj", "v_proj") for ab in "AB"
-    })
+    return st_save(
+        {
+            P + f"{m}.lora_{ab}.weight": torch.randn(*((4, 64) if ab == "A" else (64, 4)), generator=g).to(dtype)
+            for m in ("q_proj", "v_proj")
+            for ab in "AB"
+        }
+    )
 
 
 def buffer_range(data: bytes) -> tuple[int, int]:
@@ -207,8 +217,13 @@ def test_lora_files_are_zero_copy_views_other_files_own_their_memory():
     for key, t in load_tensors(data, 2**30).items():
         assert lo <= t.data_ptr() < hi, key
         assert torch.equal(t, st_load(data)[key])
-    vera = st_save({P + "q_proj.vera_lambda_b": torch.ones(64), P + "q_proj.vera_lambda_d": torch.ones(4),
-                    "base_model.vera_A": torch.randn(4, 64)})
+    vera = st_save(
+        {
+            P + "q_proj.vera_lambda_b": torch.ones(64),
+            P + "q_proj.vera_lambda_d": torch.ones(4),
+            "base_model.vera_A": torch.randn(4, 64),
+        }
+    )
     lo, hi = buffer_range(vera)
     for key, t in load_tensors(vera, 2**30).items():
         assert not lo <= t.data_ptr() < hi, key  # a kept vector never pins the projections
@@ -239,8 +254,13 @@ def test_non_finite_values_are_found_by_name(dtype, where, bad):
     good = torch.randn(128, 1000) * 0.01
     t = good.clone()
     t.view(-1)[where] = bad
-    data = st_save({P + "q_proj.lora_A.weight": good.to(dtype).clone(), P + "q_proj.lora_B.weight": t.to(dtype),
-                    P + "v_proj.lora_A.weight": good.to(dtype).clone()})
+    data = st_save(
+        {
+            P + "q_proj.lora_A.weight": good.to(dtype).clone(),
+            P + "q_proj.lora_B.weight": t.to(dtype),
+            P + "v_proj.lora_A.weight": good.to(dtype).clone(),
+        }
+    )
     with pytest.raises(InvalidAdapter, match=r"q_proj\.lora_B\.weight' contains NaN or Inf"):
         load_tensors(data, 2**30)
 

@@ -36,9 +36,22 @@ R = 4
 
 # ---------------------------------------------------------------------------------------------- builders
 def lora_cfg(**over) -> dict:
-    cfg = {"peft_type": "LORA", "r": R, "lora_alpha": 8, "bias": "none", "target_modules": ["q_proj", "v_proj"],
-           "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None, "use_rslora": False,
-           "use_dora": False, "lora_bias": False, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}}
+    cfg = {
+        "peft_type": "LORA",
+        "r": R,
+        "lora_alpha": 8,
+        "bias": "none",
+        "target_modules": ["q_proj", "v_proj"],
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
     cfg.update(over)
     return cfg
 
@@ -70,8 +83,10 @@ def adalora_tensors(a_scale: float = 0.1, e_scale: float = 0.1) -> dict[str, tor
 
 
 def adalora_cfg(**over) -> dict:
-    return {**lora_cfg(peft_type="ADALORA", init_r=R, target_r=2, total_step=10, lora_alpha=8, rank_pattern=None),
-            **over}
+    return {
+        **lora_cfg(peft_type="ADALORA", init_r=R, target_r=2, total_step=10, lora_alpha=8, rank_pattern=None),
+        **over,
+    }
 
 
 def projected(kind: str, **over) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -87,8 +102,16 @@ def projected(kind: str, **over) -> tuple[dict, dict[str, torch.Tensor]]:
             nb = min(out, 64) // R
             t[f"{P}{path}.randlora_lambda"] = torch.randn(R, nb, generator=g)
             t[f"{P}{path}.randlora_gamma"] = torch.randn(nb, min(out, 64), generator=g)
-    cfg = {"peft_type": kind.upper(), "r": R, "projection_prng_key": 0, "save_projection": False, "bias": "none",
-           "target_modules": ["q_proj", "v_proj"], **({"randlora_alpha": 8} if kind == "randlora" else {}), **over}
+    cfg = {
+        "peft_type": kind.upper(),
+        "r": R,
+        "projection_prng_key": 0,
+        "save_projection": False,
+        "bias": "none",
+        "target_modules": ["q_proj", "v_proj"],
+        **({"randlora_alpha": 8} if kind == "randlora" else {}),
+        **over,
+    }
     return cfg, t
 
 
@@ -108,116 +131,311 @@ def without(t: dict, *paths: str) -> dict:
 CASES = [
     # id, upload, error, needle in the message
     # 1. target_modules naming layers this server cannot adapt, or with no tensors, or missing file layers
-    ("target-embed-tokens", upload(lora_cfg(target_modules=["embed_tokens"]), lora_tensors()), UnsupportedAdapter,
-     "'embed_tokens'"),
-    ("target-lm-head-plus-qv", upload(lora_cfg(target_modules=["lm_head", "q_proj", "v_proj"]), lora_tensors()),
-     UnsupportedAdapter, "'lm_head'"),
-    ("target-self-attn-module", upload(lora_cfg(target_modules=["self_attn", "q_proj", "v_proj"]), lora_tensors()),
-     UnsupportedAdapter, "'self_attn'"),
-    ("target-entry-without-tensors", upload(lora_cfg(target_modules=["q_proj", "k_proj", "v_proj"]), lora_tensors()),
-     InvalidAdapter, "'k_proj' selects no layer"),
-    ("file-layer-not-targeted", upload(lora_cfg(target_modules=["q_proj"]), lora_tensors()), InvalidAdapter,
-     f"{V0!r} has tensors"),
-    ("full-path-target-misses-layer", upload(lora_cfg(target_modules=[Q0, V0, "model.layers.1.self_attn.v_proj"]),
-                                             lora_tensors()), InvalidAdapter, f"{Q1!r} has tensors"),
+    (
+        "target-embed-tokens",
+        upload(lora_cfg(target_modules=["embed_tokens"]), lora_tensors()),
+        UnsupportedAdapter,
+        "'embed_tokens'",
+    ),
+    (
+        "target-lm-head-plus-qv",
+        upload(lora_cfg(target_modules=["lm_head", "q_proj", "v_proj"]), lora_tensors()),
+        UnsupportedAdapter,
+        "'lm_head'",
+    ),
+    (
+        "target-self-attn-module",
+        upload(lora_cfg(target_modules=["self_attn", "q_proj", "v_proj"]), lora_tensors()),
+        UnsupportedAdapter,
+        "'self_attn'",
+    ),
+    (
+        "target-entry-without-tensors",
+        upload(lora_cfg(target_modules=["q_proj", "k_proj", "v_proj"]), lora_tensors()),
+        InvalidAdapter,
+        "'k_proj' selects no layer",
+    ),
+    (
+        "file-layer-not-targeted",
+        upload(lora_cfg(target_modules=["q_proj"]), lora_tensors()),
+        InvalidAdapter,
+        f"{V0!r} has tensors",
+    ),
+    (
+        "full-path-target-misses-layer",
+        upload(lora_cfg(target_modules=[Q0, V0, "model.layers.1.self_attn.v_proj"]), lora_tensors()),
+        InvalidAdapter,
+        f"{Q1!r} has tensors",
+    ),
     ("target-empty-list", upload(lora_cfg(target_modules=[]), lora_tensors()), InvalidAdapter, "empty list"),
-    ("target-wrong-type", upload(lora_cfg(target_modules={"q_proj": 1}), lora_tensors()), InvalidAdapter,
-     "'target_modules'"),
-    ("target-list-of-int", upload(lora_cfg(target_modules=["q_proj", 3]), lora_tensors()), InvalidAdapter,
-     "'target_modules'"),
-    ("target-regex-misses-file-layer", upload(lora_cfg(target_modules=r".*\.q_proj"), lora_tensors()),
-     InvalidAdapter, r"regex '.*\\.q_proj' does not fullmatch it"),
-    ("target-regex-unsafe", upload(lora_cfg(target_modules=r"(.*_proj)+"), lora_tensors()), UnsupportedAdapter,
-     "(.*_proj)+"),
-    ("target-regex-backref", upload(lora_cfg(target_modules=r"(.)\1.*"), lora_tensors()), UnsupportedAdapter,
-     "backreferences"),
-    ("target-regex-too-many-ways", upload(lora_cfg(target_modules=r"(.*.*.*)(.*.*.*)x"), lora_tensors()),
-     UnsupportedAdapter, "(.*.*.*)(.*.*.*)x"),
-    ("target-regex-too-long", upload(lora_cfg(target_modules="a" * 300), lora_tensors()), UnsupportedAdapter,
-     "300 characters"),
-    ("target-regex-invalid", upload(lora_cfg(target_modules="(q_proj"), lora_tensors()), InvalidAdapter,
-     "not a valid regex"),
-    ("exclude-list-excludes-file-layer", upload(lora_cfg(exclude_modules=[V0]), lora_tensors()), InvalidAdapter,
-     f"exclude_modules ['{V0}'] excludes it"),
-    ("exclude-short-name", upload(lora_cfg(exclude_modules=["v_proj"]), lora_tensors()), InvalidAdapter,
-     "exclude_modules"),
-    ("exclude-regex", upload(lora_cfg(exclude_modules=r".*layers\.1\..*"), lora_tensors()), InvalidAdapter,
-     f"{Q1!r} has tensors"),
-    ("exclude-all-linear", upload(lora_cfg(target_modules="all-linear", exclude_modules=["q_proj"]), lora_tensors()),
-     InvalidAdapter, "exclude_modules"),
+    (
+        "target-wrong-type",
+        upload(lora_cfg(target_modules={"q_proj": 1}), lora_tensors()),
+        InvalidAdapter,
+        "'target_modules'",
+    ),
+    (
+        "target-list-of-int",
+        upload(lora_cfg(target_modules=["q_proj", 3]), lora_tensors()),
+        InvalidAdapter,
+        "'target_modules'",
+    ),
+    (
+        "target-regex-misses-file-layer",
+        upload(lora_cfg(target_modules=r".*\.q_proj"), lora_tensors()),
+        InvalidAdapter,
+        r"regex '.*\\.q_proj' does not fullmatch it",
+    ),
+    (
+        "target-regex-unsafe",
+        upload(lora_cfg(target_modules=r"(.*_proj)+"), lora_tensors()),
+        UnsupportedAdapter,
+        "(.*_proj)+",
+    ),
+    (
+        "target-regex-backref",
+        upload(lora_cfg(target_modules=r"(.)\1.*"), lora_tensors()),
+        UnsupportedAdapter,
+        "backreferences",
+    ),
+    (
+        "target-regex-too-many-ways",
+        upload(lora_cfg(target_modules=r"(.*.*.*)(.*.*.*)x"), lora_tensors()),
+        UnsupportedAdapter,
+        "(.*.*.*)(.*.*.*)x",
+    ),
+    (
+        "target-regex-too-long",
+        upload(lora_cfg(target_modules="a" * 300), lora_tensors()),
+        UnsupportedAdapter,
+        "300 characters",
+    ),
+    (
+        "target-regex-invalid",
+        upload(lora_cfg(target_modules="(q_proj"), lora_tensors()),
+        InvalidAdapter,
+        "not a valid regex",
+    ),
+    (
+        "exclude-list-excludes-file-layer",
+        upload(lora_cfg(exclude_modules=[V0]), lora_tensors()),
+        InvalidAdapter,
+        f"exclude_modules ['{V0}'] excludes it",
+    ),
+    (
+        "exclude-short-name",
+        upload(lora_cfg(exclude_modules=["v_proj"]), lora_tensors()),
+        InvalidAdapter,
+        "exclude_modules",
+    ),
+    (
+        "exclude-regex",
+        upload(lora_cfg(exclude_modules=r".*layers\.1\..*"), lora_tensors()),
+        InvalidAdapter,
+        f"{Q1!r} has tensors",
+    ),
+    (
+        "exclude-all-linear",
+        upload(lora_cfg(target_modules="all-linear", exclude_modules=["q_proj"]), lora_tensors()),
+        InvalidAdapter,
+        "exclude_modules",
+    ),
     ("exclude-wrong-type", upload(lora_cfg(exclude_modules=7), lora_tensors()), InvalidAdapter, "'exclude_modules'"),
     # 2. layers_to_transform / layers_pattern
-    ("layers-to-transform-999", upload(lora_cfg(layers_to_transform=[999]), lora_tensors()), InvalidAdapter,
-     "names layers [999]"),
-    ("layers-to-transform-int-999", upload(lora_cfg(layers_to_transform=999), lora_tensors()), InvalidAdapter,
-     "names layers [999]"),
-    ("layers-to-transform-negative", upload(lora_cfg(layers_to_transform=[0, -1]), lora_tensors()), InvalidAdapter,
-     "names layers [-1]"),
-    ("file-layer-outside-layers-to-transform", upload(lora_cfg(layers_to_transform=[0]), lora_tensors()),
-     InvalidAdapter, "layer index 1 is not in layers_to_transform [0]"),
-    ("layers-to-transform-wrong-type", upload(lora_cfg(layers_to_transform=["0"]), lora_tensors()), InvalidAdapter,
-     "'layers_to_transform'"),
-    ("layers-to-transform-bool", upload(lora_cfg(layers_to_transform=True), lora_tensors()), InvalidAdapter,
-     "'layers_to_transform'"),
-    ("layers-pattern-int", upload(lora_cfg(layers_to_transform=[0, 1], layers_pattern=5), lora_tensors()),
-     InvalidAdapter, "'layers_pattern'"),
-    ("layers-pattern-list-with-int", upload(lora_cfg(layers_to_transform=[0, 1], layers_pattern=["layers", 3]),
-                                            lora_tensors()), InvalidAdapter, "'layers_pattern'"),
-    ("layers-pattern-matches-nothing", upload(lora_cfg(layers_to_transform=[0, 1], layers_pattern="blocks"),
-                                              lora_tensors()), InvalidAdapter, "'blocks' matches no layer"),
-    ("layers-pattern-alone", upload(lora_cfg(layers_pattern="layers"), lora_tensors()), InvalidAdapter,
-     "needs layers_to_transform"),
-    ("layers-pattern-empty-entry", upload(lora_cfg(layers_to_transform=[0, 1], layers_pattern=[""]), lora_tensors()),
-     InvalidAdapter, "[''] matches no layer"),
-    ("layers-pattern-unsafe", upload(lora_cfg(layers_to_transform=[0, 1], layers_pattern="(l+)+ayers"),
-                                     lora_tensors()), UnsupportedAdapter, "layers_pattern"),
-    ("regex-target-with-layers", upload(lora_cfg(target_modules=r".*\.(q|v)_proj", layers_to_transform=[0, 1]),
-                                        lora_tensors()), InvalidAdapter, "'layers_to_transform'=[0, 1] cannot"),
+    (
+        "layers-to-transform-999",
+        upload(lora_cfg(layers_to_transform=[999]), lora_tensors()),
+        InvalidAdapter,
+        "names layers [999]",
+    ),
+    (
+        "layers-to-transform-int-999",
+        upload(lora_cfg(layers_to_transform=999), lora_tensors()),
+        InvalidAdapter,
+        "names layers [999]",
+    ),
+    (
+        "layers-to-transform-negative",
+        upload(lora_cfg(layers_to_transform=[0, -1]), lora_tensors()),
+        InvalidAdapter,
+        "names layers [-1]",
+    ),
+    (
+        "file-layer-outside-layers-to-transform",
+        upload(lora_cfg(layers_to_transform=[0]), lora_tensors()),
+        InvalidAdapter,
+        "layer index 1 is not in layers_to_transform [0]",
+    ),
+    (
+        "layers-to-transform-wrong-type",
+        upload(lora_cfg(layers_to_transform=["0"]), lora_tensors()),
+        InvalidAdapter,
+        "'layers_to_transform'",
+    ),
+    (
+        "layers-to-transform-bool",
+        upload(lora_cfg(layers_to_transform=True), lora_tensors()),
+        InvalidAdapter,
+        "'layers_to_transform'",
+    ),
+    (
+        "layers-pattern-int",
+        upload(lora_cfg(layers_to_transform=[0, 1], layers_pattern=5), lora_tensors()),
+        InvalidAdapter,
+        "'layers_pattern'",
+    ),
+    (
+        "layers-pattern-list-with-int",
+        upload(lora_cfg(layers_to_transform=[0, 1], layers_pattern=["layers", 3]), lora_tensors()),
+        InvalidAdapter,
+        "'layers_pattern'",
+    ),
+    (
+        "layers-pattern-matches-nothing",
+        upload(lora_cfg(layers_to_transform=[0, 1], layers_pattern="blocks"), lora_tensors()),
+        InvalidAdapter,
+        "'blocks' matches no layer",
+    ),
+    (
+        "layers-pattern-alone",
+        upload(lora_cfg(layers_pattern="layers"), lora_tensors()),
+        InvalidAdapter,
+        "needs layers_to_transform",
+    ),
+    (
+        "layers-pattern-empty-entry",
+        upload(lora_cfg(layers_to_transform=[0, 1], layers_pattern=[""]), lora_tensors()),
+        InvalidAdapter,
+        "[''] matches no layer",
+    ),
+    (
+        "layers-pattern-unsafe",
+        upload(lora_cfg(layers_to_transform=[0, 1], layers_pattern="(l+)+ayers"), lora_tensors()),
+        UnsupportedAdapter,
+        "layers_pattern",
+    ),
+    (
+        "regex-target-with-layers",
+        upload(lora_cfg(target_modules=r".*\.(q|v)_proj", layers_to_transform=[0, 1]), lora_tensors()),
+        InvalidAdapter,
+        "'layers_to_transform'=[0, 1] cannot",
+    ),
     # 3. alphas and update size
     ("lora-alpha-zero", upload(lora_cfg(lora_alpha=0), lora_tensors()), InvalidAdapter, "'lora_alpha' must be > 0"),
     ("lora-alpha-negative", upload(lora_cfg(lora_alpha=-8), lora_tensors()), InvalidAdapter, "got -8"),
     ("lora-alpha-1e30", upload(lora_cfg(lora_alpha=1e30), lora_tensors()), InvalidAdapter, "lora_alpha=1e+30"),
-    ("lora-alpha-overflows-float32", upload(lora_cfg(lora_alpha=1e40), lora_tensors()), InvalidAdapter,
-     "overflows float32"),
-    ("rslora-alpha-1e30", upload(lora_cfg(lora_alpha=1e30, use_rslora=True), lora_tensors()), InvalidAdapter,
-     "lora_alpha=1e+30 / sqrt(r)"),
-    ("alpha-pattern-zero", upload(lora_cfg(alpha_pattern={"v_proj": 0}), lora_tensors()), InvalidAdapter,
-     "alpha_pattern['v_proj'] must be > 0"),
-    ("alpha-pattern-negative", upload(lora_cfg(alpha_pattern={"q_proj": -2.5}), lora_tensors()), InvalidAdapter,
-     "alpha_pattern['q_proj']"),
-    ("alpha-pattern-1e30", upload(lora_cfg(alpha_pattern={"v_proj": 1e30}), lora_tensors()), InvalidAdapter,
-     "alpha_pattern['v_proj']=1e+30"),
-    ("dora-alpha-1e30", upload(lora_cfg(use_dora=True, lora_alpha=1e30), lora_tensors(dora=True)), InvalidAdapter,
-     "lora_alpha=1e+30"),
-    ("dora-huge-magnitude", upload(lora_cfg(use_dora=True), with_tensor(lora_tensors(dora=True),
-                                   f"{P}{Q0}.lora_magnitude_vector", torch.full((64,), 1e30))), InvalidAdapter,
-     "lora_magnitude_vector has norm"),
-    ("lora-bias-overflows-float32", upload(lora_cfg(lora_bias=True, lora_alpha=4e8), with_tensor(
-        lora_tensors(bias=True), f"{P}{Q0}.lora_B.bias", torch.full((64,), 1e32))), InvalidAdapter, "lora_B.bias"),
-    ("huge-B", upload(lora_cfg(), with_tensor(lora_tensors(), f"{P}{V1}.lora_B.weight", torch.full((32, R), 1e6))),
-     InvalidAdapter, f"{V1!r}: the update"),
-    ("adalora-alpha-negative", upload(adalora_cfg(lora_alpha=-1), adalora_tensors()), InvalidAdapter,
-     "'lora_alpha' must be >= 0"),
-    ("adalora-alpha-1e30", upload(adalora_cfg(lora_alpha=1e30), adalora_tensors()), InvalidAdapter,
-     "lora_alpha=1e+30"),
-    ("adalora-A-times-E-overflows", upload(adalora_cfg(), adalora_tensors(a_scale=1e20, e_scale=1e20)),
-     InvalidAdapter, "lora_A * lora_E overflows float32"),
-    ("adalora-lm-head", upload(adalora_cfg(target_modules=["lm_head", "q_proj", "v_proj"]), adalora_tensors()),
-     UnsupportedAdapter, "'lm_head'"),
-    ("adalora-layers-999", upload(adalora_cfg(layers_to_transform=[999]), adalora_tensors()), InvalidAdapter,
-     "[999]"),
+    (
+        "lora-alpha-overflows-float32",
+        upload(lora_cfg(lora_alpha=1e40), lora_tensors()),
+        InvalidAdapter,
+        "overflows float32",
+    ),
+    (
+        "rslora-alpha-1e30",
+        upload(lora_cfg(lora_alpha=1e30, use_rslora=True), lora_tensors()),
+        InvalidAdapter,
+        "lora_alpha=1e+30 / sqrt(r)",
+    ),
+    (
+        "alpha-pattern-zero",
+        upload(lora_cfg(alpha_pattern={"v_proj": 0}), lora_tensors()),
+        InvalidAdapter,
+        "alpha_pattern['v_proj'] must be > 0",
+    ),
+    (
+        "alpha-pattern-negative",
+        upload(lora_cfg(alpha_pattern={"q_proj": -2.5}), lora_tensors()),
+        InvalidAdapter,
+        "alpha_pattern['q_proj']",
+    ),
+    (
+        "alpha-pattern-1e30",
+        upload(lora_cfg(alpha_pattern={"v_proj": 1e30}), lora_tensors()),
+        InvalidAdapter,
+        "alpha_pattern['v_proj']=1e+30",
+    ),
+    (
+        "dora-alpha-1e30",
+        upload(lora_cfg(use_dora=True, lora_alpha=1e30), lora_tensors(dora=True)),
+        InvalidAdapter,
+        "lora_alpha=1e+30",
+    ),
+    (
+        "dora-huge-magnitude",
+        upload(
+            lora_cfg(use_dora=True),
+            with_tensor(lora_tensors(dora=True), f"{P}{Q0}.lora_magnitude_vector", torch.full((64,), 1e30)),
+        ),
+        InvalidAdapter,
+        "lora_magnitude_vector has norm",
+    ),
+    (
+        "lora-bias-overflows-float32",
+        upload(
+            lora_cfg(lora_bias=True, lora_alpha=4e8),
+            with_tensor(lora_tensors(bias=True), f"{P}{Q0}.lora_B.bias", torch.full((64,), 1e32)),
+        ),
+        InvalidAdapter,
+        "lora_B.bias",
+    ),
+    (
+        "huge-B",
+        upload(lora_cfg(), with_tensor(lora_tensors(), f"{P}{V1}.lora_B.weight", torch.full((32, R), 1e6))),
+        InvalidAdapter,
+        f"{V1!r}: the update",
+    ),
+    (
+        "adalora-alpha-negative",
+        upload(adalora_cfg(lora_alpha=-1), adalora_tensors()),
+        InvalidAdapter,
+        "'lora_alpha' must be >= 0",
+    ),
+    ("adalora-alpha-1e30", upload(adalora_cfg(lora_alpha=1e30), adalora_tensors()), InvalidAdapter, "lora_alpha=1e+30"),
+    (
+        "adalora-A-times-E-overflows",
+        upload(adalora_cfg(), adalora_tensors(a_scale=1e20, e_scale=1e20)),
+        InvalidAdapter,
+        "lora_A * lora_E overflows float32",
+    ),
+    (
+        "adalora-lm-head",
+        upload(adalora_cfg(target_modules=["lm_head", "q_proj", "v_proj"]), adalora_tensors()),
+        UnsupportedAdapter,
+        "'lm_head'",
+    ),
+    ("adalora-layers-999", upload(adalora_cfg(layers_to_transform=[999]), adalora_tensors()), InvalidAdapter, "[999]"),
     ("randlora-alpha-zero", upload(*projected("randlora", randlora_alpha=0)), InvalidAdapter, "'randlora_alpha'"),
-    ("randlora-alpha-negative", upload(*projected("randlora", randlora_alpha=-16)), InvalidAdapter,
-     "'randlora_alpha' must be > 0"),
+    (
+        "randlora-alpha-negative",
+        upload(*projected("randlora", randlora_alpha=-16)),
+        InvalidAdapter,
+        "'randlora_alpha' must be > 0",
+    ),
     ("randlora-layers-999", upload(*projected("randlora", layers_to_transform=[999])), InvalidAdapter, "[999]"),
-    ("randlora-embed-tokens", upload(*projected("randlora", target_modules=["embed_tokens"])), UnsupportedAdapter,
-     "'embed_tokens'"),
-    ("vera-lm-head", upload(*projected("vera", target_modules=["lm_head", "q_proj", "v_proj"])), UnsupportedAdapter,
-     "'lm_head'"),
-    ("vera-file-layer-not-targeted", upload(*projected("vera", target_modules=["q_proj"])), InvalidAdapter,
-     f"{V0!r} has tensors"),
-    ("vera-outside-layers-to-transform", upload(*projected("vera", layers_to_transform=1)), InvalidAdapter,
-     "layers_to_transform [1]"),
+    (
+        "randlora-embed-tokens",
+        upload(*projected("randlora", target_modules=["embed_tokens"])),
+        UnsupportedAdapter,
+        "'embed_tokens'",
+    ),
+    (
+        "vera-lm-head",
+        upload(*projected("vera", target_modules=["lm_head", "q_proj", "v_proj"])),
+        UnsupportedAdapter,
+        "'lm_head'",
+    ),
+    (
+        "vera-file-layer-not-targeted",
+        upload(*projected("vera", target_modules=["q_proj"])),
+        InvalidAdapter,
+        f"{V0!r} has tensors",
+    ),
+    (
+        "vera-outside-layers-to-transform",
+        upload(*projected("vera", layers_to_transform=1)),
+        InvalidAdapter,
+        "layers_to_transform [1]",
+    ),
 ]
 
 
@@ -249,31 +467,39 @@ def test_reserved_id_cannot_be_published_and_old_dirs_are_left_alone(tmp_path):
 # ---------------------------------------------------------------------------------------------- good uploads
 def test_hand_built_baselines_parse(base_spec):
     """The table's cases fail for the reason they name, not because their baseline is broken."""
-    for build in (upload(lora_cfg(), lora_tensors()), upload(lora_cfg(use_dora=True), lora_tensors(dora=True)),
-                  upload(lora_cfg(lora_bias=True), lora_tensors(bias=True)), upload(adalora_cfg(), adalora_tensors()),
-                  upload(adalora_cfg(lora_alpha=0), adalora_tensors()), upload(*projected("vera")),
-                  upload(*projected("randlora"))):
+    for build in (
+        upload(lora_cfg(), lora_tensors()),
+        upload(lora_cfg(use_dora=True), lora_tensors(dora=True)),
+        upload(lora_cfg(lora_bias=True), lora_tensors(bias=True)),
+        upload(adalora_cfg(), adalora_tensors()),
+        upload(adalora_cfg(lora_alpha=0), adalora_tensors()),
+        upload(*projected("vera")),
+        upload(*projected("randlora")),
+    ):
         assert set(parse_adapter(*build(), base_spec).layers) == set(LAYERS)
 
 
-@pytest.mark.parametrize("over,paths", [
-    ({"target_modules": None}, LAYERS),  # missing: PEFT's default table, accept the file
-    ({"target_modules": "all-linear"}, LAYERS),
-    ({"target_modules": "ALL-LINEAR"}, LAYERS),
-    ({"target_modules": r".*\.(q_proj|v_proj)"}, LAYERS),
-    ({"target_modules": ["self_attn.q_proj", "v_proj", "v_proj"]}, LAYERS),
-    ({"target_modules": LAYERS}, LAYERS),  # full paths, as PEFT saves all-linear
-    ({"layers_to_transform": 1}, [Q1, V1]),
-    ({"layers_to_transform": [1], "layers_pattern": "layers"}, [Q1, V1]),
-    ({"layers_to_transform": [0, 1], "layers_pattern": ["h", "layers"]}, LAYERS),
-    ({"layers_to_transform": []}, LAYERS),  # PEFT: empty list = unused
-    ({"layers_to_transform": [0], "layers_pattern": ""}, [Q0, V0]),  # PEFT: "" = its default index regex
-    ({"exclude_modules": [V0]}, [Q0, Q1, V1]),
-    ({"exclude_modules": r".*\.0\.self_attn\.v_proj"}, [Q0, Q1, V1]),
-    ({"exclude_modules": ["k_proj", "lm_head"]}, LAYERS),
-    ({"target_modules": ["q_proj", "k_proj", "v_proj"], "exclude_modules": ["k_proj"]}, LAYERS),  # k: a no-op
-    ({"layers_to_transform": [1], "target_modules": [Q0, "v_proj"]}, [Q0, V1]),  # an exact path bypasses the filter
-])
+@pytest.mark.parametrize(
+    "over,paths",
+    [
+        ({"target_modules": None}, LAYERS),  # missing: PEFT's default table, accept the file
+        ({"target_modules": "all-linear"}, LAYERS),
+        ({"target_modules": "ALL-LINEAR"}, LAYERS),
+        ({"target_modules": r".*\.(q_proj|v_proj)"}, LAYERS),
+        ({"target_modules": ["self_attn.q_proj", "v_proj", "v_proj"]}, LAYERS),
+        ({"target_modules": LAYERS}, LAYERS),  # full paths, as PEFT saves all-linear
+        ({"layers_to_transform": 1}, [Q1, V1]),
+        ({"layers_to_transform": [1], "layers_pattern": "layers"}, [Q1, V1]),
+        ({"layers_to_transform": [0, 1], "layers_pattern": ["h", "layers"]}, LAYERS),
+        ({"layers_to_transform": []}, LAYERS),  # PEFT: empty list = unused
+        ({"layers_to_transform": [0], "layers_pattern": ""}, [Q0, V0]),  # PEFT: "" = its default index regex
+        ({"exclude_modules": [V0]}, [Q0, Q1, V1]),
+        ({"exclude_modules": r".*\.0\.self_attn\.v_proj"}, [Q0, Q1, V1]),
+        ({"exclude_modules": ["k_proj", "lm_head"]}, LAYERS),
+        ({"target_modules": ["q_proj", "k_proj", "v_proj"], "exclude_modules": ["k_proj"]}, LAYERS),  # k: a no-op
+        ({"layers_to_transform": [1], "target_modules": [Q0, "v_proj"]}, [Q0, V1]),  # an exact path bypasses the filter
+    ],
+)
 def test_hand_built_selection_accepted(base_spec, over, paths):
     parsed = parse_adapter(*upload(lora_cfg(**over), lora_tensors(paths))(), base_spec)
     assert sorted(parsed.layers) == sorted(paths)
@@ -332,7 +558,7 @@ def test_real_peft_uploads_accepted(base_model, base_spec, tmp_path, name):
     missing target_modules in the saved config is accepted too."""
     kind, kw = PEFT_CONFIGS[name]
     cfg_b, w_b = save_peft_adapter(base_model, _peft_config(kind, kw), tmp_path, seed=7, scale=0.1)
-    created = {k[len(P):].rsplit(".", 2 if k.endswith(".weight") else 1)[0] for k in st_load(w_b) if k.startswith(P)}
+    created = {k[len(P) :].rsplit(".", 2 if k.endswith(".weight") else 1)[0] for k in st_load(w_b) if k.startswith(P)}
     created = {p for p in created if p in base_spec.layers}
     parsed = parse_adapter(cfg_b, w_b, base_spec)
     assert set(parsed.layers) == created and created
@@ -369,15 +595,24 @@ def test_selection_matches_peft(base_spec, kw):
         assert ours.selects(path) == bool(check_target_module_exists(peft_cfg, path)), path
 
 
-@pytest.mark.parametrize("pattern", [r".*\.(q_proj|v_proj)", r".*decoder.*(SelfAttention|EncDecAttention).*(q|v)$",
-                                     r"model\.layers\.\d+\.self_attn\.[qkvo]_proj", r"(?i).*Q_PROJ",
-                                     r".*layers\.(0|1|2|3|10|11)\..*", r"(?:model\.)?layers\.\d{1,3}\..*"])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        r".*\.(q_proj|v_proj)",
+        r".*decoder.*(SelfAttention|EncDecAttention).*(q|v)$",
+        r"model\.layers\.\d+\.self_attn\.[qkvo]_proj",
+        r"(?i).*Q_PROJ",
+        r".*layers\.(0|1|2|3|10|11)\..*",
+        r"(?:model\.)?layers\.\d{1,3}\..*",
+    ],
+)
 def test_real_world_regexes_are_safe(base_spec, pattern):
     assert compile_safe_regex("target_modules", pattern, base_spec).pattern == pattern
 
 
-@pytest.mark.parametrize("pattern", [r"(a+)+$", r"(a|aa)*b", r"(?=q).*", r"(?P<x>.)(?P=x)", r".*+q", r"(?>.*)q",
-                                     r".*.*.*.*.*x"])
+@pytest.mark.parametrize(
+    "pattern", [r"(a+)+$", r"(a|aa)*b", r"(?=q).*", r"(?P<x>.)(?P=x)", r".*+q", r"(?>.*)q", r".*.*.*.*.*x"]
+)
 def test_dangerous_regexes_are_refused(base_spec, pattern):
     with pytest.raises(UnsupportedAdapter, match=re.escape(repr(pattern))):
         compile_safe_regex("target_modules", pattern, base_spec)

@@ -5,18 +5,21 @@ import torch
 
 from kernels import backend
 
-
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
 
 def test_cpu_selects_torch_and_says_why():
     assert backend.select_backend(CPU) == "torch"
-    assert backend.describe_backend("torch", CPU) == {"backend": "torch", "torch": torch.__version__,
-                                                      "device": "cpu", "reason": "the model runs on the CPU"}
+    assert backend.describe_backend("torch", CPU) == {
+        "backend": "torch",
+        "torch": torch.__version__,
+        "device": "cpu",
+        "reason": "the model runs on the CPU",
+    }
 
 
 def test_cuda_with_triton_selects_triton():
-    assert backend.select_backend(CUDA) == "triton"          # triton is a Linux dependency of the project
+    assert backend.select_backend(CUDA) == "triton"  # triton is a Linux dependency of the project
 
 
 def test_cuda_without_triton_selects_torch(monkeypatch):

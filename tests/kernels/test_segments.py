@@ -24,9 +24,9 @@ def test_refill_keeps_buffers_and_rejects_overflow():
     meta = alloc_step_meta(6, 2)
     ptrs = [meta.token_slots.data_ptr(), meta.seg_starts.data_ptr()]
     fill_step_meta(meta, [(1, 0, 6)], 6)
-    fill_step_meta(meta, [(2, 1, 2)], 3)             # a smaller step: stale rows must go back to −1
+    fill_step_meta(meta, [(2, 1, 2)], 3)  # a smaller step: stale rows must go back to −1
     assert meta.token_slots.tolist() == [-1, 2, -1, -1, -1, -1]
-    assert [meta.token_slots.data_ptr(), meta.seg_starts.data_ptr()] == ptrs   # copy_, never reallocated
+    assert [meta.token_slots.data_ptr(), meta.seg_starts.data_ptr()] == ptrs  # copy_, never reallocated
     with pytest.raises(ValueError):
         fill_step_meta(meta, [(0, 0, 1), (0, 1, 2), (0, 2, 3)], 3)
     with pytest.raises(ValueError):
@@ -48,8 +48,15 @@ def test_write_slot_pads_with_zeros_and_clears_the_previous_adapter():
 # rank {1, 8, 13, 64}; in/out {64, 576, 97}; base rows, empty group, LoRA/DoRA/bias/divisor, projections skipped.
 CASES = [
     dict(in_f=64, out_slices=[(0, 64)], ranks=[8], groups=[(0, 0, 5)], T=5),
-    dict(in_f=97, out_slices=[(0, 64), (64, 33), (97, 33)], ranks=[1, 13, 64],
-         groups=[(0, 0, 2), (2, 3, 7), (1, 7, 7), (1, 8, 11)], T=12, dora=True, bias=True),
+    dict(
+        in_f=97,
+        out_slices=[(0, 64), (64, 33), (97, 33)],
+        ranks=[1, 13, 64],
+        groups=[(0, 0, 2), (2, 3, 7), (1, 7, 7), (1, 8, 11)],
+        T=12,
+        dora=True,
+        bias=True,
+    ),
     dict(in_f=576, out_slices=[(0, 97), (97, 576)], ranks=[13, 8], groups=[(1, 0, 1)], T=1, divisor=9.00001),
 ]
 
@@ -60,9 +67,13 @@ def test_slot_reference_equals_lora_rows_ref_per_group(case):
     in_f, out_slices, T = case["in_f"], case["out_slices"], case["T"]
     adapters = {}
     for slot, rank in enumerate(case["ranks"]):
-        kw = dict(dora=case.get("dora", False) and slot == 1, bias=case.get("bias", False) and slot != 1,
-                  divisor=case.get("divisor", 1.0), scale=[0.5, 0.3, 2.0][slot % 3])
-        only = [slot % len(out_slices)] if slot == 2 else None      # slot 2 adapts one projection only
+        kw = dict(
+            dora=case.get("dora", False) and slot == 1,
+            bias=case.get("bias", False) and slot != 1,
+            divisor=case.get("divisor", 1.0),
+            scale=[0.5, 0.3, 2.0][slot % 3],
+        )
+        only = [slot % len(out_slices)] if slot == 2 else None  # slot 2 adapts one projection only
         adapters[slot] = adapter(out_slices, in_f, rank, gen, only=only, **kw)
     bufs = slot_buffers(in_f, out_slices, adapters, max_slots=4, max_rank=64)
     total = max(s + o for s, o in out_slices)
@@ -72,5 +83,5 @@ def test_slot_reference_equals_lora_rows_ref_per_group(case):
     for slot, start, end in case["groups"]:
         lora_rows_ref(x[start:end], expected[start:end], b0, adapters[slot])
     got = lora_shrink_expand_ref(x, y0.clone(), build_step_meta(case["groups"], T, max_segments=6), bufs, b0)
-    assert (expected - y0).abs().max() > 0.1          # the adapters do something
+    assert (expected - y0).abs().max() > 0.1  # the adapters do something
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

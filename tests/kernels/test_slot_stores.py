@@ -46,8 +46,10 @@ def tiny(tmp_path_factory):
         "vera-same-family": VeraConfig(r=6, target_modules=["q_proj", "up_proj", "down_proj"], projection_prng_key=1),
         "randlora": RandLoraConfig(r=4, target_modules=["q_proj", "down_proj"], projection_prng_key=2),
     }
-    parsed = {name: parse_adapter(*save_peft_adapter(hf, cfg, work / name, seed=i, scale=0.2), spec)
-              for i, (name, cfg) in enumerate(configs.items())}
+    parsed = {
+        name: parse_adapter(*save_peft_adapter(hf, cfg, work / name, seed=i, scale=0.2), spec)
+        for i, (name, cfg) in enumerate(configs.items())
+    }
     return model, parsed
 
 
@@ -110,26 +112,27 @@ def test_a_slot_moves_between_stores_and_projection_families_leave_with_their_la
     assert list(vera.bases) == [key] and vera.bases[key].slots == {0, 1} and vera.generated == 1
     assert manager.order_key(0) == (key, 0) and manager.order_key(-1) == ("", -1)
 
-    _load(manager, lora=0)                           # slot 0 leaves the projection family, which stays resident
+    _load(manager, lora=0)  # slot 0 leaves the projection family, which stays resident
     assert list(vera.bases) == [key] and vera.bases[key].slots == {1} and vera.generated == 1
     assert lora.slot_factors[0] is not None and lora.slot_factors[1] is None and vera.family_of == [None, key]
     assert manager.order_key(0) == ("", 0) and manager.order_key(1) == (key, 1)
     stacks = {k: layer.stack for k, layer in vera.layers[key].items()}
-    adapted = [linear for linear in model.adapted_linears()
-               if any(t.path in parsed["vera"].layers for t in linear.slices)]
-    assert set(stacks) == {linear.key for linear in adapted}   # every layer "vera" adapted keeps its stack
+    adapted = [
+        linear for linear in model.adapted_linears() if any(t.path in parsed["vera"].layers for t in linear.slices)
+    ]
+    assert set(stacks) == {linear.key for linear in adapted}  # every layer "vera" adapted keeps its stack
     targeted = parsed["vera-same-family"].layers
-    for linear in adapted:                           # slot 0 cleared: only slot 1's projections have work
+    for linear in adapted:  # slot 0 cleared: only slot 1's projections have work
         expected = [(j, (t.out_start, t.out_features)) for j, t in enumerate(linear.slices) if t.path in targeted]
         assert stacks[linear.key].active_slices() == expected
         assert not stacks[linear.key].lambda_b[0].any() and not stacks[linear.key].lambda_d[:, 0].any()
 
-    _load(manager, randlora=1)                       # the projection family's last adapter leaves
+    _load(manager, randlora=1)  # the projection family's last adapter leaves
     assert not vera.bases and not vera.layers and vera.family_of == [None, None]
     assert list(randlora.bases) == [parsed["randlora"].family.key()]
-    _load(manager, dora=0)                           # a LoRA-family slot becomes another LoRA-family slot
+    _load(manager, dora=0)  # a LoRA-family slot becomes another LoRA-family slot
     assert lora.slot_factors[0] is not None and lora.slot_factors[1] is None
-    _load(manager, vera=0)                           # then a VeRA slot: the projections are generated again
+    _load(manager, vera=0)  # then a VeRA slot: the projections are generated again
     assert lora.slot_factors == [None, None] and list(vera.bases) == [key] and vera.generated == 2
     assert manager.loads == 6
 
@@ -141,17 +144,28 @@ def test_the_plan_holds_what_each_kind_reads(tiny):
     _load(manager, **slot)
     assert manager.plan([], 3) is None
     only_lora = manager.plan([TokenGroup(slot["lora"], 0, 2), TokenGroup(slot["dora"], 3, 4)], 4)
-    assert isinstance(only_lora, LoraRows)                             # one store: its part, no wrapper
-    assert only_lora.slot_factors is manager.store_for("lora").slot_factors   # by reference, never copied
-    mixed = manager.plan([TokenGroup(slot["lora"], 0, 2), TokenGroup(slot["vera"], 2, 3),
-                          TokenGroup(slot["randlora"], 3, 5), TokenGroup(slot["vera"], 6, 7)], 7)
+    assert isinstance(only_lora, LoraRows)  # one store: its part, no wrapper
+    assert only_lora.slot_factors is manager.store_for("lora").slot_factors  # by reference, never copied
+    mixed = manager.plan(
+        [
+            TokenGroup(slot["lora"], 0, 2),
+            TokenGroup(slot["vera"], 2, 3),
+            TokenGroup(slot["randlora"], 3, 5),
+            TokenGroup(slot["vera"], 6, 7),
+        ],
+        7,
+    )
     assert isinstance(mixed, StepPlan)
     assert [type(p) for p in mixed.parts] == [LoraRows, VeraRows, RandLoraRows]
     vera_part = mixed.parts[1]
     assert vera_part.rows.token_slots.tolist() == [slot["vera"]] * 2 and vera_part.rows.rows.tolist() == [2, 6]
     # The torch path keeps U (PEFT's op order) and nothing else of a RandLoRA adapter: no λ/Γ copies.
-    projections = [p for layers in manager.store_for("randlora").layers.values() for per_layer in layers.values()
-                   for p in per_layer.values()]
+    projections = [
+        p
+        for layers in manager.store_for("randlora").layers.values()
+        for per_layer in layers.values()
+        for p in per_layer.values()
+    ]
     assert projections and all(p.stack is None and p.pieces[slot["randlora"]] is not None for p in projections)
     assert {f for p in projections for f in type(p.pieces[slot["randlora"]]).__slots__} == {"U", "scale"}
 
@@ -159,6 +173,11 @@ def test_the_plan_holds_what_each_kind_reads(tiny):
 def test_kernels_never_import_server():
     for path in sorted((ROOT / "kernels").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                       else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            modules = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             assert not any(m == "server" or m.startswith("server.") for m in modules), f"{path.name} imports {modules}"

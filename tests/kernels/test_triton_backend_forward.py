@@ -29,18 +29,27 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_triton_backend_forward_equals_torch_backend(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "ADAPTER_SERVER_KERNEL_BACKEND": "triton"}
-    done = subprocess.run([sys.executable, "-m", "tests.kernels.test_triton_backend_forward", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.kernels.test_triton_backend_forward", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "EQUAL" in done.stdout, done.stdout[-2000:]
 
 
 def test_slot_store_grows_and_keeps_loaded_slots():
     """A rank above the initial 64 (or a first DoRA/bias adapter) reallocates without losing other slots."""
+
     class Layer:
         key, in_features = "l", 16
-        slices = [type("S", (), {"out_start": 0, "out_features": 8})(),
-                  type("S", (), {"out_start": 8, "out_features": 4})()]
+        slices = [
+            type("S", (), {"out_start": 0, "out_features": 8})(),
+            type("S", (), {"out_start": 8, "out_features": 4})(),
+        ]
 
     gen = torch.Generator().manual_seed(0)
     store = LoraSlotStore([Layer()], num_slots=3, dtype=torch.float32, device="cpu")
@@ -70,12 +79,13 @@ def _manager(model, parsed: dict, backend: str):
 
     cache = HostCache(max_bytes=2**40)
     table = SlotTable(max(len(parsed), 1))
-    for name, adapter_ in parsed.items():   # slot i = i-th adapter, loaded in this order
+    for name, adapter_ in parsed.items():  # slot i = i-th adapter, loaded in this order
         cache.put(name, adapter_)
         table.acquire(name)
     linears = model.adapted_linears()
-    manager = AdapterManager(table, cache, linears, FrozenBase.capture(linears), torch.float32, backend=backend,
-                             max_step_tokens=64)
+    manager = AdapterManager(
+        table, cache, linears, FrozenBase.capture(linears), torch.float32, backend=backend, max_step_tokens=64
+    )
     manager.load_pending()
     return manager
 
@@ -88,14 +98,26 @@ def _forward(model, ids: torch.Tensor, manager, groups: list, decode_only: bool 
     from server.model.context import ForwardContext, PrefillSegment
 
     table = manager.table
-    plan = manager.plan([TokenGroup(table.slot_of(name), start, end) for name, start, end in groups
-                         if name is not None], len(ids), decode_only)
+    plan = manager.plan(
+        [TokenGroup(table.slot_of(name), start, end) for name, start, end in groups if name is not None],
+        len(ids),
+        decode_only,
+    )
     cfg, n = model.config, len(ids)
     keys = [torch.zeros(1, cfg.num_kv_heads, n, cfg.head_dim) for _ in range(cfg.num_layers)]
     values = [torch.zeros_like(k) for k in keys]
-    ctx = ForwardContext(input_ids=ids, positions=torch.arange(n), kv_slots=torch.zeros(n, dtype=torch.long),
-                         num_decode=0, decode_slots=slice(0, 0), decode_mask=None, decode_attn_order=None,
-                         prefills=[PrefillSegment(0, n, 0, 0)], logits_rows=torch.arange(n), adapters=plan)
+    ctx = ForwardContext(
+        input_ids=ids,
+        positions=torch.arange(n),
+        kv_slots=torch.zeros(n, dtype=torch.long),
+        num_decode=0,
+        decode_slots=slice(0, 0),
+        decode_mask=None,
+        decode_attn_order=None,
+        prefills=[PrefillSegment(0, n, 0, 0)],
+        logits_rows=torch.arange(n),
+        adapters=plan,
+    )
     with torch.no_grad():
         return model(ctx, keys, values)
 
@@ -113,10 +135,10 @@ def main(workdir: Path) -> None:
     from tests.conftest import build_tiny_llama
     from tests.peft_helpers import ALL_TARGETS, save_peft_adapter
 
-    assert resolve_kernel_backend(torch.device("cpu")) == "triton"   # forced by the env var
+    assert resolve_kernel_backend(torch.device("cpu")) == "triton"  # forced by the env var
     model_dir = build_tiny_llama(workdir / "base", seed=11, attention_bias=True, mlp_bias=True)
     hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    configs = {   # load order: the r=80 adapter comes after smaller ones, so the buffers grow mid-way
+    configs = {  # load order: the r=80 adapter comes after smaller ones, so the buffers grow mid-way
         "lora-bias": LoraConfig(r=4, lora_alpha=8, lora_bias=True, target_modules=ALL_TARGETS),
         "dora": LoraConfig(r=6, lora_alpha=12, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
         "vera": VeraConfig(r=7, target_modules=ALL_TARGETS, projection_prng_key=123),
@@ -130,12 +152,23 @@ def main(workdir: Path) -> None:
     for i, (name, config) in enumerate(configs.items()):
         files[name] = save_peft_adapter(hf, config, workdir / name, seed=20 + i, scale=0.2)
         parsed[name] = parse_adapter(*files[name], spec)
-    groups = [("lora-bias", 0, 3), (None, 3, 5), ("vera", 5, 9), ("dora", 9, 14), ("rslora-r80", 14, 17),
-              ("randlora", 17, 22), (None, 22, 24), ("lora-bias", 24, 30), ("vera", 30, 33), ("dora", 33, 34)]
+    groups = [
+        ("lora-bias", 0, 3),
+        (None, 3, 5),
+        ("vera", 5, 9),
+        ("dora", 9, 14),
+        ("rslora-r80", 14, 17),
+        ("randlora", 17, 22),
+        (None, 22, 24),
+        ("lora-bias", 24, 30),
+        ("vera", 30, 33),
+        ("dora", 33, 34),
+    ]
     ids = torch.randint(0, 300, (34,), generator=torch.Generator().manual_seed(3))
 
     import kernels.lora_triton as lora_ops
     import kernels.shared_bases_triton as sb_ops
+
     base = _forward(model, ids, _manager(model, {}, "torch"), [])
     reference = _manager(model, parsed, "torch")
     ref = _forward(model, ids, reference, groups)
@@ -146,14 +179,19 @@ def main(workdir: Path) -> None:
     lora = manager.store_for("lora")
     assert lora.slot_factors is None, "the Triton backend keeps no per-slot LoRA copy beside the slot buffers"
     assert max(b.max_rank for b in lora.slots.buffers.values()) == 128
-    projections = [p for layers in manager.store_for("randlora").layers.values() for per_layer in layers.values()
-                   for p in per_layer.values()]
-    assert projections and all(p.pieces is None and p.stack is not None for p in projections), \
+    projections = [
+        p
+        for layers in manager.store_for("randlora").layers.values()
+        for per_layer in layers.values()
+        for p in per_layer.values()
+    ]
+    assert projections and all(p.pieces is None and p.stack is not None for p in projections), (
         "the Triton path must not materialise RandLoRA's U"
+    )
     assert (ref - base).abs().max().item() > 1e-2
-    for k, (name, start, end) in enumerate(groups):   # each group's own delta matters (not just via attention)
+    for k, (name, start, end) in enumerate(groups):  # each group's own delta matters (not just via attention)
         if name is not None:
-            without = _forward(model, ids, reference, groups[:k] + groups[k + 1:])
+            without = _forward(model, ids, reference, groups[:k] + groups[k + 1 :])
             changed = (ref[start:end] - without[start:end]).abs().max().item()
             assert changed > 1e-3, f"{name}: rows {start}:{end} changed by {changed}"
     err = (got - ref).abs().max().item()
@@ -185,16 +223,21 @@ def _engine_runs_agree(model_dir: Path, files: dict, workdir: Path) -> None:
     from server.runtime import BACKEND_ENV, build_runtime
     from tests.conftest import drive, make_request
 
-    shutil.copy(DEMO_MODEL_DIR / "tokenizer.json", model_dir / "tokenizer.json")   # ids < 300 decode fine
+    shutil.copy(DEMO_MODEL_DIR / "tokenizer.json", model_dir / "tokenizer.json")  # ids < 300 decode fine
     forms: list[str] = []
     real_apply = batch_triton.lora_apply
     batch_triton.lora_apply = lambda *a, **kw: (forms.append(a[5]), real_apply(*a, **kw))[1]
     tokens = {}
     for backend in ("torch", "triton"):
         os.environ[BACKEND_ENV] = backend
-        runtime = build_runtime(ServerConfig(
-            model=model_dir, dtype="float32", adapters_dir=workdir / f"store-{backend}",
-            engine=EngineConfig(max_model_len=64, max_num_seqs=6, max_batched_tokens=64, kv_cache_gb=0.01)))
+        runtime = build_runtime(
+            ServerConfig(
+                model=model_dir,
+                dtype="float32",
+                adapters_dir=workdir / f"store-{backend}",
+                engine=EngineConfig(max_model_len=64, max_num_seqs=6, max_batched_tokens=64, kv_cache_gb=0.01),
+            )
+        )
         assert runtime.engine.runner.adapters.backend == backend
         for name, (config_bytes, weights) in files.items():
             runtime.adapters.upload(name, config_bytes, weights)
@@ -204,14 +247,13 @@ def _engine_runs_agree(model_dir: Path, files: dict, workdir: Path) -> None:
             prompt = torch.randint(3, 300, (5 + i,), generator=gen).tolist()
             request, sinks[i] = make_request(f"r{i}", prompt, max_tokens=6, ignore_eos=True)
             request.adapter_version = None if name is None else runtime.adapters.resolve(name)
-            request.mode = "gathered"                                 # the kernels, not a merged phase
-            schedule.setdefault(2 * (i // 2), []).append(request)    # pairs arrive every other step
+            request.mode = "gathered"  # the kernels, not a merged phase
+            schedule.setdefault(2 * (i // 2), []).append(request)  # pairs arrive every other step
         drive(runtime, schedule)
         tokens[backend] = {i: sink.token_ids for i, sink in sinks.items()}
     print(f"engine tokens (triton): {tokens['triton']}")
     assert tokens["triton"] == tokens["torch"] and all(len(t) == 6 for t in tokens["torch"].values())
     assert {"tokens", "segments"} <= set(forms), f"forms used: {set(forms)}"
-
 
 
 if __name__ == "__main__":

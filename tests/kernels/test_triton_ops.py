@@ -45,13 +45,14 @@ def _interpreting() -> bool:
     (tl.sum, tl.cdiv, ...) are `@jit`-decorated when triton is imported, so the env var only helps if
     it was set before *triton* was first imported, not just before the kernel modules."""
     from triton.language import standard
+
     return isinstance(standard.sum, InterpretedFunction)
 
 
 def _load_interpreted(name: str):
     module = importlib.import_module(name)
     kernels = [v for k, v in vars(module).items() if k.endswith("_kernel")]
-    if not all(isinstance(k, InterpretedFunction) for k in kernels):   # imported before the env var was set
+    if not all(isinstance(k, InterpretedFunction) for k in kernels):  # imported before the env var was set
         module = importlib.reload(module)
     return module
 
@@ -68,9 +69,14 @@ interpreted = pytest.mark.skipif(not IN_PROCESS, reason="triton imported compile
 @pytest.mark.skipif(IN_PROCESS, reason="triton runs interpreted in this process")
 def test_triton_kernels_in_a_fresh_interpreted_process():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and " failed" not in done.stdout
 
@@ -97,16 +103,34 @@ def _close(got: torch.Tensor, ref: torch.Tensor, y0: torch.Tensor, dtype: torch.
 # adapter, many, base (−1) rows interleaved, an empty segment, a single token; DoRA/bias; fp32 and bf16.
 LORA_CASES = {
     "one-adapter-r8": dict(in_f=64, out_slices=[(0, 64)], ranks={0: 8}, groups=[(0, 0, 20)], T=20),
-    "qkv-many-base-empty": dict(in_f=97, out_slices=[(0, 64), (64, 33), (97, 33)], ranks={0: 1, 1: 13, 2: 64, 3: 8},
-                                groups=[(0, 0, 3), (2, 4, 9), (1, 9, 9), (3, 10, 11), (1, 12, 19), (2, 20, 21)], T=22),
-    "dora-bias-mixed": dict(in_f=97, out_slices=[(0, 97), (97, 64)], ranks={0: 13, 1: 8, 2: 64},
-                            groups=[(1, 0, 2), (0, 3, 6), (2, 6, 8)], T=9, mixed=True),
+    "qkv-many-base-empty": dict(
+        in_f=97,
+        out_slices=[(0, 64), (64, 33), (97, 33)],
+        ranks={0: 1, 1: 13, 2: 64, 3: 8},
+        groups=[(0, 0, 3), (2, 4, 9), (1, 9, 9), (3, 10, 11), (1, 12, 19), (2, 20, 21)],
+        T=22,
+    ),
+    "dora-bias-mixed": dict(
+        in_f=97,
+        out_slices=[(0, 97), (97, 64)],
+        ranks={0: 13, 1: 8, 2: 64},
+        groups=[(1, 0, 2), (0, 3, 6), (2, 6, 8)],
+        T=9,
+        mixed=True,
+    ),
     "in576-single-token": dict(in_f=576, out_slices=[(0, 64)], ranks={1: 13}, groups=[(1, 0, 1)], T=1),
-    "out576-bf16": dict(in_f=64, out_slices=[(0, 576)], ranks={0: 64, 2: 1}, groups=[(2, 0, 2), (0, 3, 5)], T=5,
-                        dtype=torch.bfloat16),
-    "qkv-many-bf16": dict(in_f=97, out_slices=[(0, 64), (64, 33), (97, 33)], ranks={0: 1, 1: 13, 2: 64},
-                          groups=[(0, 0, 3), (2, 4, 9), (1, 10, 10), (1, 11, 17)], T=18, dtype=torch.bfloat16,
-                          mixed=True),
+    "out576-bf16": dict(
+        in_f=64, out_slices=[(0, 576)], ranks={0: 64, 2: 1}, groups=[(2, 0, 2), (0, 3, 5)], T=5, dtype=torch.bfloat16
+    ),
+    "qkv-many-bf16": dict(
+        in_f=97,
+        out_slices=[(0, 64), (64, 33), (97, 33)],
+        ranks={0: 1, 1: 13, 2: 64},
+        groups=[(0, 0, 3), (2, 4, 9), (1, 10, 10), (1, 11, 17)],
+        T=18,
+        dtype=torch.bfloat16,
+        mixed=True,
+    ),
 }
 
 
@@ -118,7 +142,7 @@ def _lora_setup(case: dict, seed: int = 0):
     for slot, rank in case["ranks"].items():
         mixed = case.get("mixed", False)
         kw = dict(dora=mixed and slot == 1, bias=mixed and slot == 2, scale=[2.0, 0.3, 0.7, 1.0][slot])
-        only = [0] if (mixed and slot == 0 and len(out_slices) > 1) else None   # rank 0 on other projections
+        only = [0] if (mixed and slot == 0 and len(out_slices) > 1) else None  # rank 0 on other projections
         adapters[slot] = to_dtype(adapter(out_slices, in_f, rank, gen, only=only, **kw), dtype)
     bufs = slot_buffers(in_f, out_slices, adapters, max_slots=5, max_rank=64, dtype=dtype, poison_padding=True)
     total = max(s + o for s, o in out_slices)
@@ -134,7 +158,7 @@ def _lora_setup(case: dict, seed: int = 0):
 def test_lora_shrink_expand_both_forms_equal_reference(name):
     x, y0, b0, bufs, meta, dtype = _lora_setup(LORA_CASES[name])
     ref = lora_shrink_expand_ref(x, y0.clone(), meta, bufs, b0)
-    base_rows = meta.token_slots[:x.shape[0]] < 0
+    base_rows = meta.token_slots[: x.shape[0]] < 0
     for form in ("segments", "tokens"):
         h = LORA_OPS.alloc_shrink_buffer(bufs, meta.max_tokens)
         got = LORA_OPS.lora_apply(x, y0.clone(), bufs, meta, h, form, base_bias=b0)
@@ -145,12 +169,12 @@ def test_lora_shrink_expand_both_forms_equal_reference(name):
 @interpreted
 def test_lora_expand_overwrite_mode_writes_only_adapted_entries():
     x, y0, _, bufs, meta, _ = _lora_setup(LORA_CASES["qkv-many-base-empty"])
-    ref = lora_shrink_expand_ref(x, torch.zeros_like(y0), meta, bufs)   # delta alone
+    ref = lora_shrink_expand_ref(x, torch.zeros_like(y0), meta, bufs)  # delta alone
     adapted = torch.zeros_like(y0, dtype=torch.bool)
     for slot, start, end in [(s, a, b) for s, a, b in [(0, 0, 3), (2, 4, 9), (3, 10, 11), (1, 12, 19), (2, 20, 21)]]:
         for j, (c0, n) in enumerate(bufs.out_slices):
             if bufs.slot_ranks[j, slot] > 0:
-                adapted[start:end, c0:c0 + n] = True
+                adapted[start:end, c0 : c0 + n] = True
     for form in ("segments", "tokens"):
         h = LORA_OPS.lora_shrink(x, bufs, meta, LORA_OPS.alloc_shrink_buffer(bufs, meta.max_tokens), form)
         got = LORA_OPS.lora_expand(h, y0.clone(), bufs, meta, form, accumulate=False)
@@ -162,15 +186,14 @@ def test_lora_expand_overwrite_mode_writes_only_adapted_entries():
 # layer's packed projections, where slot 3 adapts only the first projection and, in the packed cases, no
 # slot adapts the last one (inactive: no work, columns untouched).
 VERA_CASES = {
-    "r13-in97-out576-interleaved": dict(r=13, in_f=97, outs=[576], slots=[0, -1, 2, 2, -1, 1, 0, 3],
-                                        dtype=torch.float32),
+    "r13-in97-out576-interleaved": dict(
+        r=13, in_f=97, outs=[576], slots=[0, -1, 2, 2, -1, 1, 0, 3], dtype=torch.float32
+    ),
     "r64-in576-out97-single": dict(r=64, in_f=576, outs=[97], slots=[2], dtype=torch.float32),
     "r8-qkv-packed": dict(r=8, in_f=64, outs=[64, 33, 33], slots=[1, 3, -1, 0, 0, 2, -1, 3], dtype=torch.float32),
     "r1-gate-up-packed": dict(r=1, in_f=97, outs=[97, 97], slots=[2, -1, 0], dtype=torch.float32),
-    "r8-in64-out64-bf16": dict(r=8, in_f=64, outs=[64], slots=[1, 1, -1, 0, 3, 3, 3, -1, 2] * 2,
-                               dtype=torch.bfloat16),
-    "r13-qkv-packed-bf16": dict(r=13, in_f=97, outs=[97, 64, 64], slots=[0, 3, 3, -1, 1, 2, 2],
-                                dtype=torch.bfloat16),
+    "r8-in64-out64-bf16": dict(r=8, in_f=64, outs=[64], slots=[1, 1, -1, 0, 3, 3, 3, -1, 2] * 2, dtype=torch.bfloat16),
+    "r13-qkv-packed-bf16": dict(r=13, in_f=97, outs=[97, 64, 64], slots=[0, 3, 3, -1, 1, 2, 2], dtype=torch.bfloat16),
 }
 
 
@@ -182,18 +205,22 @@ def test_vera_packed_gather_scale_equals_reference(name):
     c = VERA_CASES[name]
     gen = torch.Generator().manual_seed(2)
     dtype, r, T, outs = c["dtype"], c["r"], len(c["slots"]), c["outs"]
-    out_slices, start = [], 7                           # the layer's packed output starts at column 7 of y
+    out_slices, start = [], 7  # the layer's packed output starts at column 7 of y
     for size in outs:
         out_slices.append((start, size))
         start += size
     A_l = (torch.randn(r, c["in_f"], generator=gen) / c["in_f"] ** 0.5).to(dtype)
-    B = (torch.randn(max(outs), r, generator=gen) / r ** 0.5).to(dtype)
+    B = (torch.randn(max(outs), r, generator=gen) / r**0.5).to(dtype)
     stack = VeraStack(out_slices, 4, r, dtype)
     adapted = out_slices[:-1] if len(out_slices) > 1 else out_slices
     for slot in range(4):
-        for where in (adapted[:1] if slot == 3 else adapted):
-            stack.write(slot, where, (torch.rand(r, generator=gen) + 0.5).to(dtype),
-                        torch.randn(where[1], generator=gen).to(dtype))
+        for where in adapted[:1] if slot == 3 else adapted:
+            stack.write(
+                slot,
+                where,
+                (torch.rand(r, generator=gen) + 0.5).to(dtype),
+                torch.randn(where[1], generator=gen).to(dtype),
+            )
     x = torch.randn(T, c["in_f"], generator=gen).to(dtype)
     y0 = torch.randn(T, start + 5, generator=gen).to(dtype)
     slots = torch.tensor(c["slots"], dtype=torch.int32)
@@ -204,7 +231,7 @@ def test_vera_packed_gather_scale_equals_reference(name):
     _close(got, ref, y0, dtype)
     untouched = torch.ones_like(y0, dtype=torch.bool)
     for out_start, size in adapted:
-        untouched[rows, out_start:out_start + size] = False
+        untouched[rows, out_start : out_start + size] = False
     assert torch.equal(got[untouched], y0[untouched]), "base rows, other columns and inactive projections stay"
 
 
@@ -230,7 +257,7 @@ def _randlora_setup(c: dict, seed: int = 4):
     dtype, r, in_f, out = c["dtype"], c["r"], c["in_f"], c["out"]
     min_l, max_l = min(in_f, out), max(in_f, out)
     nb = -(-min_l // r)
-    A_l = (torch.randn(r, 1, min_l, generator=gen) / min_l ** 0.5).to(dtype)
+    A_l = (torch.randn(r, 1, min_l, generator=gen) / min_l**0.5).to(dtype)
     V = (torch.randn(max_l, nb * r, generator=gen) / (nb * r) ** 0.5).to(dtype)
     stack = RandLoraStack.empty(4, r, nb, min_l, in_le_out=in_f <= out)
     pieces = {}
@@ -238,7 +265,7 @@ def _randlora_setup(c: dict, seed: int = 4):
         lam, gamma = torch.rand(r, nb, generator=gen) + 0.5, torch.randn(nb, min_l, generator=gen)
         scale = [0.5, 2.0, 0.75, 1.0][slot]
         stack.write(slot, lam, gamma, scale)
-        pieces[slot] = RandLoraSlice(randlora_u(lam, gamma, A_l).to(dtype), scale)   # as the RandLoRA store builds it
+        pieces[slot] = RandLoraSlice(randlora_u(lam, gamma, A_l).to(dtype), scale)  # as the RandLoRA store builds it
     return gen, dtype, A_l, V, stack, pieces
 
 
@@ -249,16 +276,16 @@ def test_randlora_factored_gather_equals_reference(name):
     gen, dtype, A_l, V, stack, pieces = _randlora_setup(c)
     T = len(c["slots"])
     x = torch.randn(T, c["in_f"], generator=gen).to(dtype)
-    y0 = torch.randn(T, 7 + c["out"] + 5, generator=gen).to(dtype)     # the projection sits at columns 7:7+out
+    y0 = torch.randn(T, 7 + c["out"] + 5, generator=gen).to(dtype)  # the projection sits at columns 7:7+out
     slots = torch.tensor(c["slots"], dtype=torch.int32)
     rows = torch.nonzero(slots >= 0).flatten()
     members = [(slice(i, i + 1), pieces[int(slots[row])]) for i, row in enumerate(rows.tolist())]
     ref = y0.clone()
-    randlora_family_ref(x, ref[:, 7:7 + c["out"]], rows, members, V)
+    randlora_family_ref(x, ref[:, 7 : 7 + c["out"]], rows, members, V)
     got = SB_OPS.randlora_apply(x, y0.clone(), A_l, V, stack, slots, out_start=7)
     _close(got, ref, y0, dtype, delta_eps=3)
     untouched = torch.ones_like(y0, dtype=torch.bool)
-    untouched[rows, 7:7 + c["out"]] = False
+    untouched[rows, 7 : 7 + c["out"]] = False
     assert torch.equal(got[untouched], y0[untouched]), "only the family's rows and the projection's columns change"
 
 
@@ -272,7 +299,7 @@ def test_randlora_slot_without_adapter_adds_nothing():
     x = torch.randn(4, c["in_f"], generator=gen)
     y0 = torch.randn(4, 7 + c["out"], generator=gen)
     slots = torch.tensor([3, 3, -1, 3], dtype=torch.int32)
-    scratch = torch.full((8, 64), float("nan"))   # stale scratch rows (another family's) must never be read
+    scratch = torch.full((8, 64), float("nan"))  # stale scratch rows (another family's) must never be read
     got = SB_OPS.randlora_apply(x, y0.clone(), A_l, V, stack, slots, out_start=7, h=scratch)
     assert torch.equal(got, y0)
 
@@ -284,7 +311,7 @@ class _Layer(torch.nn.Module):
         super().__init__()
         total = max(s + o for s, o in out_slices)
         self.key, self.in_features, self.out_slices = key, in_f, out_slices
-        self.weight = torch.randn(total, in_f, generator=gen) / in_f ** 0.5
+        self.weight = torch.randn(total, in_f, generator=gen) / in_f**0.5
         self.bias = torch.randn(total, generator=gen)
 
     def forward(self, x: torch.Tensor, adapters) -> torch.Tensor:
@@ -310,8 +337,10 @@ def test_toy_two_layer_forward_mixed_lora_dora_batch_matches_torch_path():
     o = _Layer("o", 128, [(0, 64)], gen)
     layers = [qkv, o]
     plan = {0: dict(rank=8, dora=False), 1: dict(rank=13, dora=True), 2: dict(rank=1, dora=False)}
-    slot_factors = [{l.key: adapter(l.out_slices, l.in_features, p["rank"], gen, dora=p["dora"], scale=0.5)
-                     for l in layers} for p in plan.values()]
+    slot_factors = [
+        {lin.key: adapter(lin.out_slices, lin.in_features, p["rank"], gen, dora=p["dora"], scale=0.5) for lin in layers}
+        for p in plan.values()
+    ]
     groups = [TokenGroup(0, 0, 2), TokenGroup(1, 3, 4), TokenGroup(2, 4, 5), TokenGroup(1, 5, 12)]
     T = 13
     x = torch.randn(T, 64, generator=gen)
@@ -321,8 +350,16 @@ def test_toy_two_layer_forward_mixed_lora_dora_batch_matches_torch_path():
 
     torch_path = forward(LoraRows(groups, slot_factors))
     base = forward(LoraRows([], slot_factors))
-    bufs = {l.key: slot_buffers(l.in_features, l.out_slices, {s: f[l.key] for s, f in enumerate(slot_factors)},
-                                max_slots=4, max_rank=16) for l in layers}
+    bufs = {
+        lin.key: slot_buffers(
+            lin.in_features,
+            lin.out_slices,
+            {s: f[lin.key] for s, f in enumerate(slot_factors)},
+            max_slots=4,
+            max_rank=16,
+        )
+        for lin in layers
+    }
     meta = build_step_meta([(g.slot, g.start, g.end) for g in groups], T, max_tokens=16, max_segments=6)
     for form in ("segments", "tokens"):
         _close(forward(_TritonDelta(bufs, meta, form)), torch_path, base, torch.float32)

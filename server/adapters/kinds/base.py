@@ -28,7 +28,7 @@ class StoreContext:
     num_slots: int
     dtype: torch.dtype
     device: torch.device | str
-    backend: str                     # "torch" | "triton" (kernels.backend.BACKENDS)
+    backend: str  # "torch" | "triton" (kernels.backend.BACKENDS)
 
 
 class SlotStore(ABC):

@@ -21,6 +21,7 @@ from server.adapters.packing import adapted_layers, to_model
 
 def lora_factors(parsed: ParsedAdapter, ctx: StoreContext, device: torch.device | str) -> dict[str, LinearFactors]:
     """One LoRA-family adapter per AdaptedLinear key, in the model dtype on `device`."""
+
     def convert(t: torch.Tensor | None) -> torch.Tensor | None:
         return to_model(t, ctx.dtype, device)
 
@@ -29,8 +30,18 @@ def lora_factors(parsed: ParsedAdapter, ctx: StoreContext, device: torch.device 
         slices = []
         for s, f in pieces:
             assert isinstance(f, LayerFactors), f"{parsed.kind} adapter with {type(f).__name__} factors"
-            slices.append(SliceFactors(s.out_start, s.out_features, convert(f.A), convert(f.B.T), f.scale, f.divisor,
-                                       convert(f.bias), convert(f.output_scale)))
+            slices.append(
+                SliceFactors(
+                    s.out_start,
+                    s.out_features,
+                    convert(f.A),
+                    convert(f.B.T),
+                    f.scale,
+                    f.divisor,
+                    convert(f.bias),
+                    convert(f.output_scale),
+                )
+            )
         packed[linear.key] = LinearFactors(slices)
     return packed
 
@@ -38,10 +49,11 @@ def lora_factors(parsed: ParsedAdapter, ctx: StoreContext, device: torch.device 
 class LoraFamilyStore(SlotStore):
     def __init__(self, ctx: StoreContext) -> None:
         super().__init__(ctx)
-        self.slot_factors: list[dict[str, LinearFactors] | None] | None = None   # torch backend
-        self.slots: LoraSlotStore | None = None                                  # triton backend
+        self.slot_factors: list[dict[str, LinearFactors] | None] | None = None  # torch backend
+        self.slots: LoraSlotStore | None = None  # triton backend
         if ctx.backend == "triton":
             from kernels.batch_triton import LoraSlots
+
             self._triton_part = LoraSlots
             self.slots = LoraSlotStore(ctx.linears, ctx.num_slots, ctx.dtype, ctx.device)
         else:
@@ -49,7 +61,7 @@ class LoraFamilyStore(SlotStore):
 
     def write(self, slot: int, parsed: ParsedAdapter) -> None:
         if self.slots is not None:
-            self.slots.write(slot, lora_factors(parsed, self.ctx, "cpu"))   # copied into the device buffers
+            self.slots.write(slot, lora_factors(parsed, self.ctx, "cpu"))  # copied into the device buffers
         else:
             self.slot_factors[slot] = lora_factors(parsed, self.ctx, self.ctx.device)
 

@@ -34,7 +34,7 @@ class ProjectionBases:
     r: int
     A: torch.Tensor
     B: torch.Tensor
-    slots: set[int] = field(default_factory=set)     # slots holding an adapter of the family
+    slots: set[int] = field(default_factory=set)  # slots holding an adapter of the family
     _per_layer: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def layer(self, out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +45,7 @@ class ProjectionBases:
                 cached = vera_layer_bases(self.A, self.B, out_f, in_f)
             else:
                 A_l, B_l = randlora_layer_bases(self.A, self.B, out_f, in_f, self.r)
-                cached = (A_l, B_l.flatten(start_dim=1))   # V_l: PEFT flattens on every forward
+                cached = (A_l, B_l.flatten(start_dim=1))  # V_l: PEFT flattens on every forward
             self._per_layer[(out_f, in_f)] = cached
         return cached
 
@@ -55,10 +55,10 @@ class ProjectionFamilyStore(SlotStore):
 
     def __init__(self, ctx: StoreContext) -> None:
         super().__init__(ctx)
-        self.bases: dict[str, ProjectionBases] = {}        # projection family key -> its bases
-        self.layers: dict[str, dict[str, Any]] = {}         # projection family key -> layer key -> layer part
+        self.bases: dict[str, ProjectionBases] = {}  # projection family key -> its bases
+        self.layers: dict[str, dict[str, Any]] = {}  # projection family key -> layer key -> layer part
         self.family_of: list[str | None] = [None] * ctx.num_slots
-        self.generated = 0                                  # projections generated (or taken) so far
+        self.generated = 0  # projections generated (or taken) so far
 
     # ---- what a kind defines --------------------------------------------------------------------
     @abstractmethod
@@ -81,8 +81,9 @@ class ProjectionFamilyStore(SlotStore):
         if bases is None:
             A, B = parsed.projections if parsed.projections is not None else generate_projections(parsed.family)
             dtype, device = self.ctx.dtype, self.ctx.device
-            bases = self.bases[key] = ProjectionBases(parsed.family.kind, parsed.family.r, A.to(device, dtype),
-                                                      B.to(device, dtype))
+            bases = self.bases[key] = ProjectionBases(
+                parsed.family.kind, parsed.family.r, A.to(device, dtype), B.to(device, dtype)
+            )
             self.generated += 1
         bases.slots.add(slot)
         self.family_of[slot] = key
@@ -95,7 +96,7 @@ class ProjectionFamilyStore(SlotStore):
         self.clear_layers(slot, self.layers[key])
         bases = self.bases[key]
         bases.slots.discard(slot)
-        if not bases.slots:            # no loaded adapter uses the projection family any more
+        if not bases.slots:  # no loaded adapter uses the projection family any more
             del self.bases[key], self.layers[key]
 
     def order_key(self, slot: int) -> str:
@@ -105,5 +106,7 @@ class ProjectionFamilyStore(SlotStore):
         by_family: dict[str, list[TokenGroup]] = {}
         for g in groups:
             by_family.setdefault(self.family_of[g.slot], []).append(g)
-        return [self.part(ProjectionFamilyRows.of(members, step.device), self.layers[key], step)
-                for key, members in by_family.items()]
+        return [
+            self.part(ProjectionFamilyRows.of(members, step.device), self.layers[key], step)
+            for key, members in by_family.items()
+        ]

@@ -16,7 +16,7 @@ from server.adapters.kinds.base import StoreContext
 from server.adapters.kinds.projection_family import ProjectionBases, ProjectionFamilyStore
 from server.adapters.packing import adapted_layers, to_model
 
-Layers = dict[str, dict[tuple[int, int], RandLoraProjection]]   # layer key -> (out_start, out_features) -> projection
+Layers = dict[str, dict[tuple[int, int], RandLoraProjection]]  # layer key -> (out_start, out_features) -> projection
 
 
 class RandLoraStore(ProjectionFamilyStore):
@@ -25,6 +25,7 @@ class RandLoraStore(ProjectionFamilyStore):
         self._triton_part = None
         if ctx.backend == "triton":
             from kernels.batch_triton import RandLoraTokens
+
             self._triton_part = RandLoraTokens
 
     def write_layers(self, slot: int, parsed: ParsedAdapter, bases: ProjectionBases, layers: Layers) -> None:

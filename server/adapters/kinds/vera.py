@@ -18,16 +18,23 @@ class VeraStore(ProjectionFamilyStore):
         self._triton_part = None
         if ctx.backend == "triton":
             from kernels.batch_triton import VeraTokens
+
             self._triton_part = VeraTokens
 
-    def write_layers(self, slot: int, parsed: ParsedAdapter, bases: ProjectionBases,
-                     layers: dict[str, VeraLayer]) -> None:
+    def write_layers(
+        self, slot: int, parsed: ParsedAdapter, bases: ProjectionBases, layers: dict[str, VeraLayer]
+    ) -> None:
         for linear, pieces in adapted_layers(parsed, self.ctx.linears):
             vera = layers.get(linear.key)
             if vera is None:
                 r = pieces[0][1].lambda_d.shape[0]
-                stack = VeraStack([(s.out_start, s.out_features) for s in linear.slices], self.ctx.num_slots, r,
-                                  self.ctx.dtype, self.ctx.device)
+                stack = VeraStack(
+                    [(s.out_start, s.out_features) for s in linear.slices],
+                    self.ctx.num_slots,
+                    r,
+                    self.ctx.dtype,
+                    self.ctx.device,
+                )
                 vera = layers[linear.key] = VeraLayer(stack, *bases.layer(stack.max_out, linear.in_features))
             for s, f in pieces:
                 assert isinstance(f, VeraFactors), f"{parsed.kind} adapter with {type(f).__name__} factors"
