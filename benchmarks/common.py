@@ -27,8 +27,8 @@ def cpu_busy_fraction(seconds: float = 1.0) -> float:
 MATMUL_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
-def cpu_description() -> str:
-    """The CPU model and the flags that decide matmul speed (machines differ between sessions)."""
+def cpu_info() -> tuple[str, set[str]]:
+    """(model name, flags) of the first CPU in /proc/cpuinfo; ("unknown CPU", set()) elsewhere."""
     model, flags = "unknown CPU", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -39,6 +39,12 @@ def cpu_description() -> str:
                 flags = set(value.split())
     except OSError:
         pass
+    return model, flags
+
+
+def cpu_description() -> str:
+    """The CPU model and the flags that decide matmul speed (machines differ between sessions)."""
+    model, flags = cpu_info()
     present = ", ".join(f for f in MATMUL_FLAGS if f in flags) or "none of " + ", ".join(MATMUL_FLAGS)
     return f"{model}, {os.cpu_count()} cores, flags: {present}"
 

@@ -71,7 +71,7 @@ import adapters_store.store as store_mod  # noqa: E402
 import adapters_store.tensors as tensors_mod  # noqa: E402
 import server.adapters.service as service_mod  # noqa: E402
 from adapters_store import AdapterInfo, parse_adapter  # noqa: E402
-from benchmarks.common import print_table, report_idle  # noqa: E402
+from benchmarks.common import cpu_info, print_table, report_idle  # noqa: E402
 from benchmarks.workload import lora_files  # noqa: E402
 from server.config import AdapterConfig, EngineConfig, ServerConfig  # noqa: E402
 from server.demo_model import DEMO_MODEL_DIR  # noqa: E402
@@ -83,15 +83,7 @@ QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 def describe_machine(store_dir: Path) -> list[str]:
     """What the upload path's speed depends on beyond ``report_idle``: SHA extensions (sha256 of the
     weights), library versions, and the file system the store is on (fsync and O_DIRECT costs)."""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
+    _, flags = cpu_info()
     fs = "?"
     try:  # the longest mount point that contains the store directory
         best = ""

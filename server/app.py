@@ -69,28 +69,29 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.add_middleware(CrossSiteWriteGuard, allowed_origins=config.allowed_origins)
     app.add_middleware(BodyLimit, limit_for=body_limit)
 
-    def rejected(status: int) -> None:
+    def count_unserved(status: int) -> None:
+        """A request answered without generating: a 4xx is `rejected`, a 5xx an `error`."""
         runtime.metrics.requests.labels("rejected" if status < 500 else "error").inc()
 
     @app.exception_handler(ServerError)
     async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
-        rejected(exc.status)
+        count_unserved(exc.status)
         return _error(exc.status, exc.message, exc.error_type)
 
     @app.exception_handler(AdapterError)
     async def _adapter_error(request: Request, exc: AdapterError) -> JSONResponse:
-        rejected(exc.status)
+        count_unserved(exc.status)
         return _error(exc.status, exc.message, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         status = 400 if any(err.get("type") in _UNDECODABLE for err in exc.errors()) else 422
-        rejected(status)
+        count_unserved(status)
         return _error(status, _describe_validation(exc), "invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        rejected(exc.status_code)
+        count_unserved(exc.status_code)
         kind = "request_too_large" if isinstance(exc, RequestTooLarge) else "http_error"
         return _error(exc.status_code, str(exc.detail), kind)
 
@@ -98,7 +99,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A bug, not bad input: logged with its traceback, counted, and answered in the usual envelope.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        rejected(500)
+        count_unserved(500)
         return _error(500, f"internal error: {type(exc).__name__}", "internal_error")
 
     return app

@@ -1,7 +1,7 @@
 """Every Prometheus collector of the server, defined once, in a registry owned by the app.
 
-The engine reports once per step (`observe`); the memory tiers keep plain counters that are read
-at scrape time (`TierCollector`), so nothing on the request path touches Prometheus objects.
+The engine reports once per step (`observe`); the memory tiers and the phase controller keep plain
+counters that are read at scrape time (`CountsCollector`), so nothing keeps a second copy of them.
 """
 
 from __future__ import annotations
@@ -29,21 +29,33 @@ class StepReport:
     first_token_seconds: list[float] = field(default_factory=list)  # arrival -> first token, new ones
 
 
-class TierCollector(Collector):
-    """adapter_tier_{hits,loads,evictions}_total{tier} from the tiers' own counters."""
+_TIER_COUNTERS = {
+    "adapter_tier_hits": ("hits", "Adapter versions wanted and already in the tier"),
+    "adapter_tier_loads": ("loads", "Adapter versions brought into the tier from the one below"),
+    "adapter_tier_evictions": ("evictions", "Adapter versions pushed out of the tier to make room"),
+}
+_PHASE_COUNTERS = {
+    "phase_merges": ("merges", "Adapters merged into the weights"),
+    "phase_restores": ("restores", "Base weights restored"),
+    "phase_merge_seconds": ("merge_seconds", "Time spent merging adapters"),
+    "phase_restore_seconds": ("restore_seconds", "Time spent restoring base weights"),
+}
 
-    def __init__(self, tiers: dict[str, TierCounts]) -> None:
-        self.tiers = tiers
+
+class CountsCollector(Collector):
+    """Counters read at scrape time from the objects that own them: metric name -> (field, help),
+    one sample per labelled object (`label` None: a single unlabelled object)."""
+
+    def __init__(self, fields: dict[str, tuple[str, str]], owners: dict[str, object], label: str | None) -> None:
+        self.fields = fields
+        self.owners = owners
+        self.label = label
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        for what, doc in (
-            ("hits", "Adapter versions wanted and already in the tier"),
-            ("loads", "Adapter versions brought into the tier from the one below"),
-            ("evictions", "Adapter versions pushed out of the tier to make room"),
-        ):
-            family = CounterMetricFamily(f"adapter_tier_{what}", doc, labels=["tier"])
-            for tier, counts in self.tiers.items():
-                family.add_metric([tier], getattr(counts, what))
+        for name, (field_name, doc) in self.fields.items():
+            family = CounterMetricFamily(name, doc, labels=[self.label] if self.label else [])
+            for value, owner in self.owners.items():
+                family.add_metric([value] if self.label else [], getattr(owner, field_name))
             yield family
 
 
@@ -69,10 +81,6 @@ class Metrics:
         self.running_sequences = Gauge("running_sequences", "Sequences holding a KV slot", registry=r)
         self.kv_cache_usage = Gauge("kv_cache_usage_ratio", "Fraction of KV cache slots in use", registry=r)
         self.phase_merged = Gauge("phase_merged", "1 while an adapter is merged into the weights", registry=r)
-        self.merges = Counter("phase_merges", "Adapters merged into the weights", registry=r)
-        self.restores = Counter("phase_restores", "Base weights restored", registry=r)
-        self.merge_seconds = Counter("phase_merge_seconds", "Time spent merging adapters", registry=r)
-        self.restore_seconds = Counter("phase_restore_seconds", "Time spent restoring base weights", registry=r)
         self.phase_seconds = Counter("phase_seconds", "Engine step time by phase", ["phase"], registry=r)
         self.step_seconds = Histogram(
             "engine_step_seconds", "Wall time of one engine step", buckets=_LATENCY_BUCKETS, registry=r
@@ -86,10 +94,12 @@ class Metrics:
             buckets=_LOAD_BUCKETS,
             registry=r,
         )
-        self._phase_seen = PhaseCounts()
 
     def watch_tiers(self, tiers: dict[str, TierCounts]) -> None:
-        self.registry.register(TierCollector(tiers))
+        self.registry.register(CountsCollector(_TIER_COUNTERS, tiers, label="tier"))
+
+    def watch_phases(self, counts: PhaseCounts) -> None:
+        self.registry.register(CountsCollector(_PHASE_COUNTERS, {"": counts}, label=None))
 
     def observe(
         self,
@@ -99,7 +109,6 @@ class Metrics:
         running: int,
         kv_used_ratio: float,
         phase: str,
-        phase_counts: PhaseCounts,
     ) -> None:
         """The engine's one report: a step (if one ran), requests that ended, and its gauges."""
         if step is not None:
@@ -117,14 +126,6 @@ class Metrics:
         self.running_sequences.set(running)
         self.kv_cache_usage.set(kv_used_ratio)
         self.phase_merged.set(0 if phase == "gathered" else 1)
-        seen, self._phase_seen = (
-            self._phase_seen,
-            PhaseCounts(**{f: getattr(phase_counts, f) for f in PhaseCounts.__slots__}),
-        )
-        self.merges.inc(phase_counts.merges - seen.merges)
-        self.restores.inc(phase_counts.restores - seen.restores)
-        self.merge_seconds.inc(phase_counts.merge_seconds - seen.merge_seconds)
-        self.restore_seconds.inc(phase_counts.restore_seconds - seen.restore_seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

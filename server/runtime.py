@@ -43,7 +43,6 @@ class Runtime:
     metrics: Metrics
     adapters: AdapterService
     max_model_len: int
-    num_kv_slots: int
     dtype: torch.dtype
     device: torch.device
 
@@ -123,6 +122,7 @@ def build_runtime(config: ServerConfig) -> Runtime:
         model, kv_cache, manager, observe_slot_load=metrics.adapter_load_seconds.labels("slot").observe
     )
     phases = PhaseController(PhasePolicy(max_wait_s=adapter_cfg.max_merge_wait_ms / 1000), manager)
+    metrics.watch_phases(phases.counts)
     engine = Engine(runner, scheduler, tokenizer, metrics, max_len, eos, phases)
     log.info(
         "loaded %s (%s on %s) in %.1fs: %d KV slots x %d tokens, %d threads, %d adapters in %s, kernel backend %s",
@@ -137,4 +137,4 @@ def build_runtime(config: ServerConfig) -> Runtime:
         config.adapters_dir,
         describe_backend(kernel_backend, device),
     )
-    return Runtime(config, model, tokenizer, engine, metrics, service, max_len, num_slots, dtype, device)
+    return Runtime(config, model, tokenizer, engine, metrics, service, max_len, dtype, device)

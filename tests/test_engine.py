@@ -141,7 +141,7 @@ def test_abort_frees_the_kv_slot(demo_runtime):
 
 
 def test_full_kv_cache_makes_requests_wait_not_fail(demo_runtime):
-    slots = demo_runtime.num_kv_slots
+    slots = demo_runtime.engine.scheduler.kv_slots.num_slots
     requests = [
         make_request(f"w{i}", _chat_ids(demo_runtime, f"Say {i}"), max_tokens=4, ignore_eos=True)
         for i in range(slots + 3)

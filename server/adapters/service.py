@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from adapters_store import (
@@ -46,7 +47,7 @@ class AdapterService:
         registry: AdapterRegistry,
         cache: HostCache,
         spec: BaseModelSpec,
-        observe_load_seconds=lambda seconds: None,
+        observe_load_seconds: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         self.store = store
         self.registry = registry

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.api.openapi import error_responses
 from server.api.schemas import GenerateRequest, GenerateResponse, Usage
+from server.engine.engine import NON_FINITE_OUTPUT
 from server.engine.request import GenerationError, SamplingParams, TokenEvent
 from server.engine.request import Request as EngineRequest
 from server.errors import InvalidRequest, ServerError
@@ -29,7 +30,7 @@ class GenerationFailed(ServerError):
         super().__init__(error.message)
         self.error_type = error.kind
         # The request's own numbers broke (its adapter): the client's problem, not the server's.
-        self.status = 422 if error.kind == "non_finite_output" else 500
+        self.status = 422 if error.kind == NON_FINITE_OUTPUT.kind else 500
 
 
 def _check_text_fits(body: GenerateRequest, runtime: Runtime) -> None:

@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.phases import GATHERED, PhaseController
@@ -56,13 +56,6 @@ class EngineStatus:
     kernel_backend: str
 
 
-@dataclass(slots=True)
-class _Pending:
-    """What happened since the last `observe`: finished requests and their latencies."""
-
-    finished: list[tuple[str, float | None]] = field(default_factory=list)  # (outcome, mean TPOT)
-
-
 class Engine:
     def __init__(
         self,
@@ -82,7 +75,7 @@ class Engine:
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
         self.phases = phases
-        self._pending = _Pending()
+        self._finished: list[tuple[str, float | None]] = []  # (outcome, mean TPOT) since the last observe
         self._inbox: queue.Queue[Request | _Abort | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -219,7 +212,7 @@ class Engine:
         tpot = None
         if seq.first_token_time is not None and seq.num_generated > 1:
             tpot = (now - seq.first_token_time) / (seq.num_generated - 1)
-        self._pending.finished.append((seq.finish_reason, tpot))
+        self._finished.append((seq.finish_reason, tpot))
         seq.request.emit(
             TokenEvent(
                 seq.request_id,
@@ -241,14 +234,13 @@ class Engine:
 
     def observe(self, step: StepReport | None = None) -> None:
         """Everything /metrics learns from the engine, in one call per step (and after the inbox)."""
-        pending, self._pending = self._pending, _Pending()
+        finished, self._finished = self._finished, []
         kv = self.scheduler.kv_slots
         self.metrics.observe(
             step=step,
-            finished=pending.finished,
+            finished=finished,
             waiting=len(self.scheduler.waiting),
             running=len(self.scheduler.running),
             kv_used_ratio=kv.num_used / kv.num_slots,
             phase=self.phases.current.name,
-            phase_counts=self.phases.counts,
         )
