@@ -23,16 +23,19 @@ from .projections import (
 )
 from .registry import AdapterInfo, AdapterRegistry
 from .store import AdapterStore, content_version, validate_adapter_id
+from .tenants import DEFAULT_TENANT, AdapterRef, TenantStores, validate_tenant
 from .types import BaseModelSpec, LayerFactors, ParsedAdapter, RandLoraFactors, TargetLayer, VeraFactors
 
 __all__ = [
     "AdapterError",
     "AdapterInfo",
     "AdapterNotFound",
+    "AdapterRef",
     "AdapterRegistry",
     "AdapterStore",
     "AdapterTooLarge",
     "BaseModelSpec",
+    "DEFAULT_TENANT",
     "InvalidAdapter",
     "InvalidAdapterId",
     "KIND_PARSERS",
@@ -44,6 +47,7 @@ __all__ = [
     "StoreConflict",
     "StoreCorrupted",
     "TargetLayer",
+    "TenantStores",
     "UnsupportedAdapter",
     "VeraFactors",
     "canonical_files",
@@ -53,5 +57,6 @@ __all__ = [
     "randlora_layer_bases",
     "randlora_scaled_bases",
     "validate_adapter_id",
+    "validate_tenant",
     "vera_layer_bases",
 ]

@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .tenants import DEFAULT_TENANT, AdapterRef
 from .types import ParsedAdapter
 
 
@@ -24,6 +25,12 @@ class AdapterInfo:
     created_at: float = field(default_factory=time.time)
     projection: str | None = None  # VeRA/RandLoRA: "seed" (regenerated) or "stored" (own projections)
     family: str | None = None  # VeRA/RandLoRA projection family key
+    tenant: str = DEFAULT_TENANT  # the owner (where the files are; not kept in meta.json)
+    public: bool = False  # usable by every tenant (set by an admin; kept in the store's ACCESS file)
+
+    @property
+    def ref(self) -> AdapterRef:
+        return AdapterRef(self.tenant, self.adapter_id)
 
     @classmethod
     def from_parsed(
@@ -57,33 +64,43 @@ class AdapterInfo:
 
 
 class AdapterRegistry:
+    """Every published adapter of every tenant, by `AdapterRef` (who may see which is the service's
+    business, not the registry's)."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._items: dict[str, AdapterInfo] = {}
+        self._items: dict[AdapterRef, AdapterInfo] = {}
 
     def register(self, info: AdapterInfo) -> AdapterInfo | None:
         """Insert or replace; returns the previous info so the caller can retire its version."""
         with self._lock:
-            prev = self._items.get(info.adapter_id)
-            self._items[info.adapter_id] = info
+            prev = self._items.get(info.ref)
+            self._items[info.ref] = info
             return prev
 
-    def resolve(self, adapter_id: str) -> AdapterInfo | None:
+    def resolve(self, ref: AdapterRef) -> AdapterInfo | None:
         with self._lock:
-            return self._items.get(adapter_id)
+            return self._items.get(ref)
 
-    def remove(self, adapter_id: str) -> AdapterInfo | None:
+    def remove(self, ref: AdapterRef) -> AdapterInfo | None:
         with self._lock:
-            return self._items.pop(adapter_id, None)
+            return self._items.pop(ref, None)
 
-    def list(self) -> list[AdapterInfo]:
+    def list(self, tenant: str | None = None) -> list[AdapterInfo]:
+        """All adapters, or one tenant's, sorted by (tenant, id)."""
         with self._lock:
-            return [self._items[k] for k in sorted(self._items)]
+            return [self._items[k] for k in sorted(self._items) if tenant is None or k.tenant == tenant]
+
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """(adapters, bytes) the tenant stores."""
+        with self._lock:
+            mine = [info for ref, info in self._items.items() if ref.tenant == tenant]
+            return len(mine), sum(info.bytes for info in mine)
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._items)
 
-    def __contains__(self, adapter_id: object) -> bool:
+    def __contains__(self, ref: object) -> bool:
         with self._lock:
-            return adapter_id in self._items
+            return ref in self._items

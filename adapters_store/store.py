@@ -62,10 +62,11 @@ _VERSION_RE = re.compile(r"^[0-9a-f]{16}$")
 _FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RESERVED_FILES = {"meta.json", "manifest.json"}
 CURRENT = "CURRENT"
+ACCESS = "ACCESS"  # per adapter id, beside CURRENT: who else may use it ({"public": bool})
 TMP_PREFIX = ".tmp-"
 # Names the store writes itself, refused as adapter ids whatever their case (case-insensitive file
 # systems, and no id should read like the store's own bookkeeping).
-RESERVED_IDS = frozenset(n.casefold() for n in (CURRENT, *_RESERVED_FILES))
+RESERVED_IDS = frozenset(n.casefold() for n in (CURRENT, ACCESS, *_RESERVED_FILES))
 
 
 def validate_adapter_id(adapter_id: str) -> str:
@@ -182,7 +183,7 @@ class Prewrite:
 
 
 class AdapterStore:
-    def __init__(self, root: Path, direct_io: bool = True) -> None:
+    def __init__(self, root: Path, direct_io: bool = True, helpers: ThreadPoolExecutor | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # serialises mutations within this process
@@ -192,7 +193,7 @@ class AdapterStore:
         self._direct_lock = threading.Lock()
         # Hashing and concurrent fsyncs. Its threads start on demand from the thread that submits
         # work (the upload worker), so they inherit that thread's (low) scheduling priority.
-        self._helpers = ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="adapter-store")
+        self._helpers = helpers or ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="adapter-store")
 
     # ------------------------------------------------------------------ helpers
     def _tmp_path(self) -> Path:
@@ -458,7 +459,7 @@ class AdapterStore:
                     _rmtree(entry)
                     continue
                 for child in entry.iterdir():
-                    if child.name not in (CURRENT, version):
+                    if child.name not in (CURRENT, ACCESS, version):
                         _rmtree(child)
                 found[name] = version
             _fsync_dir(self.root)
@@ -494,6 +495,35 @@ class AdapterStore:
         os.replace(tmp, adir / CURRENT)
         _fsync_dir(adir)
         return version
+
+    def access(self, adapter_id: str) -> dict[str, Any]:
+        """The id's access settings (``{}`` when never set): independent of its versions, so they
+        survive re-uploads, and go with the id when it is deleted."""
+        validate_adapter_id(adapter_id)
+        try:
+            value = json.loads((self.root / adapter_id / ACCESS).read_bytes())
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        except (OSError, ValueError) as exc:
+            raise StoreCorrupted(f"{adapter_id}/{ACCESS} unreadable: {exc}") from exc
+        return value if isinstance(value, dict) else {}
+
+    def set_access(self, adapter_id: str, access: dict[str, Any]) -> None:
+        """Replace the id's access settings atomically and durably (temp file, fsync, rename, fsync)."""
+        validate_adapter_id(adapter_id)
+        data = json.dumps(access, sort_keys=True).encode()
+        with self._lock:
+            adir = self.root / adapter_id
+            if self.current(adapter_id) is None:
+                raise AdapterNotFound(f"unknown adapter {adapter_id!r}")
+            tmp = self._tmp_path()
+            fd = _create(tmp, data)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, adir / ACCESS)
+            _fsync_dir(adir)
 
     def read(self, adapter_id: str, version: str) -> dict[str, bytes]:
         """The stored files (without meta/manifest), checked against the manifest's sha256."""

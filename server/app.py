@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 _UNDECODABLE = {"json_invalid", "string_unicode", UNDECODABLE_TEXT}
 
 
-def _error(status: int, message: str, error_type: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": error_type}}, status_code=status)
+def _error(status: int, message: str, error_type: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": error_type}}, status_code=status, headers=headers)
 
 
 def _describe_validation(exc: RequestValidationError) -> str:
@@ -63,7 +63,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.add_middleware(
         CORSMiddleware,
         allow_origins=sorted(config.allowed_origins),
-        allow_methods=["GET", "POST", "DELETE"],
+        allow_methods=["GET", "POST", "PATCH", "DELETE"],
         allow_headers=["authorization", "content-type"],
     )
     app.add_middleware(CrossSiteWriteGuard, allowed_origins=config.allowed_origins)
@@ -76,7 +76,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.exception_handler(ServerError)
     async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
         count_unserved(exc.status)
-        return _error(exc.status, exc.message, exc.error_type)
+        return _error(exc.status, exc.message, exc.error_type, exc.headers)
 
     @app.exception_handler(AdapterError)
     async def _adapter_error(request: Request, exc: AdapterError) -> JSONResponse:

@@ -62,6 +62,26 @@ class AdapterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TenantConfig:
+    """Default per-tenant limits (a tenant's own come from `limits_file`)."""
+
+    limits_file: Path | None = None
+    """JSON {tenant: {max_adapters, max_adapter_bytes, max_running, max_queued}} overriding the defaults."""
+    max_adapters: int = 1000
+    """Adapters one tenant may store."""
+    max_adapter_gb: float = 10.0
+    """Adapter files one tenant may store, in GiB."""
+    max_running: int = 0
+    """Sequences of one tenant running at once; 0 = as many as the engine runs."""
+    max_queued: int = 256
+    """Requests of one tenant waiting beyond those running."""
+
+    def validate(self) -> None:
+        if min(self.max_adapters, self.max_running, self.max_queued) < 0 or self.max_adapter_gb < 0:
+            raise ValueError("tenant limits must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     model: Path = DEMO_MODEL_DIR
     """Hugging Face checkpoint directory (Llama family, safetensors). Default: the demo SmolLM2."""
@@ -80,8 +100,17 @@ class ServerConfig:
     """Largest request body of every route but adapter uploads (which have max_upload_mb)."""
     cors_allow_origins: str = ""
     """Comma-separated browser origins allowed to call the API (CORS and cross-site writes); none by default."""
+    api_keys: Path | None = None
+    """JSON file of API key digests -> {tenant, role}; none = the server runs open, as one tenant."""
+    max_queued: int = 1024
+    """Requests waiting server-wide beyond those running; more are answered 429."""
+    max_n: int = 16
+    """Most choices (`n`) one OpenAI request may ask for."""
+    shutdown_timeout_s: float = 30.0
+    """On SIGTERM: how long running requests may take to finish before they are cut."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
+    tenants: TenantConfig = field(default_factory=TenantConfig)
 
     def validate(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -92,8 +121,11 @@ class ServerConfig:
             raise ValueError(f"port {self.port} is out of range")
         if self.max_request_mb <= 0:
             raise ValueError("max_request_mb must be positive")
+        if self.max_queued < 0 or self.max_n < 1 or self.shutdown_timeout_s < 0:
+            raise ValueError("max_queued must be >= 0, max_n >= 1 and shutdown_timeout_s >= 0")
         self.engine.validate()
         self.adapters.validate()
+        self.tenants.validate()
 
     @property
     def allowed_origins(self) -> frozenset[str]:
@@ -141,6 +173,15 @@ _OPTIONS: list[tuple[str, str, type, str]] = [
         str,
         "comma-separated browser origins allowed to call the API; empty = none (cross-site writes are refused)",
     ),
+    ("--api-keys", "api_keys", Path, "JSON file of API key sha256 digests -> {tenant, role}; none = open"),
+    ("--max-queued", "max_queued", int, "requests waiting server-wide beyond those running (more: 429)"),
+    ("--max-n", "max_n", int, "most choices (n) one OpenAI request may ask for"),
+    ("--shutdown-timeout-s", "shutdown_timeout_s", float, "on SIGTERM, how long running requests may finish"),
+    ("--tenant-limits", "tenants.limits_file", Path, "JSON {tenant: {limit: value}} overriding the defaults"),
+    ("--tenant-max-adapters", "tenants.max_adapters", int, "adapters one tenant may store"),
+    ("--tenant-max-adapter-gb", "tenants.max_adapter_gb", float, "GiB of adapter files one tenant may store"),
+    ("--tenant-max-running", "tenants.max_running", int, "sequences of one tenant running at once (0 = no cap)"),
+    ("--tenant-max-queued", "tenants.max_queued", int, "requests of one tenant waiting beyond those running"),
     (
         "--max-model-len",
         "engine.max_model_len",
@@ -170,7 +211,7 @@ def env_name(flag: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser = argparse.ArgumentParser(prog="adapter-server", description="Multi-adapter LLM inference server.")
-    defaults = {"": ServerConfig(), "engine": EngineConfig(), "adapters": AdapterConfig()}
+    defaults = {"": ServerConfig(), "engine": EngineConfig(), "adapters": AdapterConfig(), "tenants": TenantConfig()}
     for flag, path, kind, help_text in _OPTIONS:
         group, _, name = path.rpartition(".")
         default = getattr(defaults[group], name)
@@ -184,12 +225,15 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             help=f"{help_text} [env {env}; default: {default}]",
         )
     values = vars(parser.parse_args(argv))
-    sections: dict[str, dict] = {"": {}, "engine": {}, "adapters": {}}
+    sections: dict[str, dict] = {"": {}, "engine": {}, "adapters": {}, "tenants": {}}
     for path, value in values.items():
         group, _, name = path.rpartition(".")
         sections[group][name] = value
     config = ServerConfig(
-        engine=EngineConfig(**sections["engine"]), adapters=AdapterConfig(**sections["adapters"]), **sections[""]
+        engine=EngineConfig(**sections["engine"]),
+        adapters=AdapterConfig(**sections["adapters"]),
+        tenants=TenantConfig(**sections["tenants"]),
+        **sections[""],
     )
     try:
         config.validate()

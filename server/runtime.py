@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters_store import AdapterRegistry, AdapterStore
+from adapters_store import AdapterRegistry, TenantStores
 from kernels.backend import BACKENDS, describe_backend, select_backend
 from server.adapters.frozen_base import FrozenBase
 from server.adapters.host_cache import HostCache
@@ -30,6 +30,8 @@ from server.model.hf_config import load_model_config
 from server.model.llama import LlamaModel
 from server.model.loader import load_model
 from server.model.tokenizer import TextTokenizer
+from server.tenancy.keys import KeyFileError, KeyRing
+from server.tenancy.limits import RequestGate, TenantLimits, TenantPolicy
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ class Runtime:
     max_model_len: int
     dtype: torch.dtype
     device: torch.device
+    gate: RequestGate  # requests in flight per tenant, against their limits
+    keys: KeyRing | None = None  # None: the server runs open, every caller is the default tenant
 
     @property
     def model_name(self) -> str:
@@ -90,22 +94,28 @@ def build_runtime(config: ServerConfig) -> Runtime:
         )
     kv_cache = KVCache.allocate(model_config, num_slots, max_len, dtype, device)
     metrics = Metrics()
+    tenants = _tenant_policy(config)
+    gate = RequestGate(tenants, engine_capacity=num_slots, max_queued=config.max_queued)
+    keys = _load_keys(config)
     adapter_cfg = config.adapters
     linears = model.adapted_linears()
     base = FrozenBase.capture(linears)  # before anything can merge: the weights as loaded
     spec = base_model_spec(linears, base, adapter_cfg.max_rank, int(adapter_cfg.max_upload_mb * 2**20))
     cache = HostCache(int(adapter_cfg.host_cache_gb * 2**30))
     service = AdapterService(
-        AdapterStore(config.adapters_dir),
+        TenantStores(config.adapters_dir),
         AdapterRegistry(),
         cache,
         spec,
         observe_load_seconds=metrics.adapter_load_seconds.labels("host").observe,
+        limits=tenants.limits,
     )
     recovered = service.recover()
     table = SlotTable(adapter_cfg.max_slots)
     metrics.watch_tiers({"slot": table.counts, "host": cache.counts})
-    scheduler = Scheduler(KVSlotAllocator(num_slots), config.engine.max_batched_tokens, table, cache)
+    scheduler = Scheduler(
+        KVSlotAllocator(num_slots), config.engine.max_batched_tokens, table, cache, running_cap=gate.running_cap
+    )
     eos = frozenset(model_config.eos_token_ids)
     kernel_backend = resolve_kernel_backend(device)
     manager = AdapterManager(
@@ -137,4 +147,31 @@ def build_runtime(config: ServerConfig) -> Runtime:
         config.adapters_dir,
         describe_backend(kernel_backend, device),
     )
-    return Runtime(config, model, tokenizer, engine, metrics, service, max_len, dtype, device)
+    if keys is None:
+        log.warning("no API keys configured (--api-keys): the server is open, every caller is one tenant")
+    else:
+        log.info("%d API keys loaded from %s", len(keys), config.api_keys)
+    return Runtime(config, model, tokenizer, engine, metrics, service, max_len, dtype, device, gate, keys)
+
+
+def _tenant_policy(config: ServerConfig) -> TenantPolicy:
+    t = config.tenants
+    defaults = TenantLimits(
+        max_adapters=t.max_adapters,
+        max_adapter_bytes=int(t.max_adapter_gb * 2**30),
+        max_running=t.max_running,
+        max_queued=t.max_queued,
+    )
+    try:
+        return TenantPolicy.load(t.limits_file, defaults)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+
+
+def _load_keys(config: ServerConfig) -> KeyRing | None:
+    if config.api_keys is None:
+        return None
+    try:
+        return KeyRing.load(config.api_keys)
+    except KeyFileError as exc:
+        raise ModelLoadError(str(exc)) from None

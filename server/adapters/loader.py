@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from adapters_store import AdapterError, ParsedAdapter
+from adapters_store import AdapterError, AdapterRef, ParsedAdapter
 from server.adapters.host_cache import HostCache
 
 log = logging.getLogger(__name__)
@@ -32,44 +32,44 @@ def lower_thread_priority() -> None:
 class AdapterLoader:
     def __init__(
         self,
-        read: Callable[[str, str], ParsedAdapter],
+        read: Callable[[AdapterRef, str], ParsedAdapter],
         cache: HostCache,
         observe_seconds: Callable[[float], None] = lambda seconds: None,
     ) -> None:
-        """`read(adapter_id, version)` reads and parses one stored version."""
+        """`read(ref, version)` reads and parses one stored version."""
         self._read = read
         self._cache = cache
         self._observe = observe_seconds
-        self._queue: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[AdapterRef, str]] = queue.SimpleQueue()
         self._wanted: set[str] = set()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="adapter-loader", daemon=True)
         self._thread.start()
 
-    def request(self, adapter_id: str, version: str) -> None:
-        """Bring `version` (stored under `adapter_id`) into the host cache; no-op while queued."""
+    def request(self, ref: AdapterRef, version: str) -> None:
+        """Bring `version` (stored under `ref`) into the host cache; no-op while queued."""
         with self._lock:
             if version in self._wanted:
                 return
             self._wanted.add(version)
-        self._queue.put((adapter_id, version))
+        self._queue.put((ref, version))
 
     def _run(self) -> None:
         lower_thread_priority()
         while True:
-            adapter_id, version = self._queue.get()
+            ref, version = self._queue.get()
             started = time.perf_counter()
             try:
                 if not self._cache.resident(version):
-                    self._cache.fill(version, self._read(adapter_id, version))
+                    self._cache.fill(version, self._read(ref, version))
                     self._observe(time.perf_counter() - started)
             except (AdapterError, OSError, ValueError) as exc:
-                log.warning("loading adapter %s version %s failed: %s", adapter_id, version, exc)
-                self._cache.fail(version, f"adapter {adapter_id!r} version {version} could not be loaded: {exc}")
+                log.warning("loading adapter %s version %s failed: %s", ref, version, exc)
+                self._cache.fail(version, f"adapter {str(ref)!r} version {version} could not be loaded: {exc}")
             except Exception as exc:  # never let one bad file stop every later load
-                log.exception("loading adapter %s version %s failed", adapter_id, version)
+                log.exception("loading adapter %s version %s failed", ref, version)
                 self._cache.fail(
-                    version, f"adapter {adapter_id!r} version {version} could not be loaded: {type(exc).__name__}"
+                    version, f"adapter {str(ref)!r} version {version} could not be loaded: {type(exc).__name__}"
                 )
             finally:
                 with self._lock:

@@ -1,4 +1,10 @@
-"""Upload, resolve, list and delete adapters: the operations behind /adapters and adapter_id.
+"""Upload, resolve, list and delete adapters on behalf of a caller: the operations behind /adapters
+and every route that names an adapter.
+
+Tenants: an adapter belongs to the tenant that uploaded it, and ids are per tenant. A caller names
+its own adapter `id`, and another tenant's `owner/id`, which it may use only when that adapter is
+public (or the caller is an admin). Whatever the caller may not see answers 404 exactly like an id
+that does not exist, so ids never leak across tenants.
 
 Uploads are parsed and validated against the frozen base before anything touches the store;
 publishing is atomic, and only then does the registry point the id at the new version.
@@ -6,7 +12,7 @@ publishing is atomic, and only then does the registry point the id at the new ve
 Two locks with different jobs: `_lock` guards only in-memory state (registry, which ids publish
 which version, the holds in the host cache) and is never held across I/O, so `resolve` — the only
 thing a request does on the event loop — never waits for a disk; `_write_lock` orders the store
-mutations (publish, remove) among themselves and is never taken by `resolve`.
+mutations (publish, remove, access changes) among themselves and is never taken by `resolve`.
 
 A version is published by every id whose current version it is (the version is a content digest,
 so two ids can share one). When the last such id is deleted or re-uploaded with other content, the
@@ -22,20 +28,28 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 
 from adapters_store import (
+    DEFAULT_TENANT,
     AdapterInfo,
     AdapterNotFound,
+    AdapterRef,
     AdapterRegistry,
-    AdapterStore,
     BaseModelSpec,
+    InvalidAdapterId,
     ParsedAdapter,
+    TenantStores,
     parse_adapter,
     validate_adapter_id,
+    validate_tenant,
 )
 from adapters_store.canonical import CONFIG_FILE, WEIGHTS_FILE, canonical_files
 from server.adapters.host_cache import HostCache
 from server.adapters.loader import AdapterLoader, lower_thread_priority
+from server.errors import Forbidden, LimitExceeded
+from server.tenancy.limits import STORAGE_RETRY_AFTER_S, TenantLimits
+from server.tenancy.principal import OPERATOR, Principal
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +57,16 @@ log = logging.getLogger(__name__)
 class AdapterService:
     def __init__(
         self,
-        store: AdapterStore,
+        stores: TenantStores,
         registry: AdapterRegistry,
         cache: HostCache,
         spec: BaseModelSpec,
         observe_load_seconds: Callable[[float], None] = lambda seconds: None,
+        limits: Callable[[str], TenantLimits] = lambda tenant: TenantLimits(),
     ) -> None:
-        self.store = store
+        self.stores = stores
         self.registry = registry
+        self.limits = limits
         self.cache = cache
         self.spec = spec
         self.loader = AdapterLoader(self._read, cache, observe_load_seconds)
@@ -64,32 +80,80 @@ class AdapterService:
         )
 
     def recover(self) -> int:
-        """Re-register every complete adapter in the store (partial ones are cleaned by scan)."""
-        for adapter_id, version in self.store.scan().items():
-            info = self.store.meta(adapter_id, version)["info"]
+        """Re-register every complete adapter of every tenant (partial ones are cleaned by scan)."""
+        for ref, version in self.stores.scan().items():
+            store = self.stores.store(ref.tenant)
+            info = store.meta(ref.adapter_id, version)["info"]
+            public = bool(store.access(ref.adapter_id).get("public", False))
+            info = AdapterInfo.from_dict({**info, "version": version, "tenant": ref.tenant, "public": public})
             with self._lock:
-                previous = self.registry.register(AdapterInfo.from_dict({**info, "version": version}))
+                previous = self.registry.register(info)
                 self._published[version] += 1
                 if previous is not None:
                     self._unpublish(previous.version)
         return len(self.registry)
 
-    def submit_upload(self, adapter_id: str, config_bytes: bytes, weights_bytes: bytes) -> Future[AdapterInfo]:
-        """Run `upload` on the low-priority upload worker."""
-        return self._upload_worker.submit(self.upload, adapter_id, config_bytes, weights_bytes)
+    # ---- names and who may see what -----------------------------------------------------------
+    @staticmethod
+    def parse_name(name: str, caller: Principal) -> AdapterRef | None:
+        """`id` is the caller's own adapter, `owner/id` anyone's; None when it cannot name one."""
+        owner, slash, adapter_id = name.rpartition("/")
+        try:
+            return AdapterRef(validate_tenant(owner) if slash else caller.tenant, validate_adapter_id(adapter_id))
+        except (ValueError, InvalidAdapterId):
+            return None
 
-    def upload(self, adapter_id: str, config_bytes: bytes, weights_bytes: bytes) -> AdapterInfo:
+    @staticmethod
+    def may_use(info: AdapterInfo, caller: Principal) -> bool:
+        return info.tenant == caller.tenant or info.public or caller.is_admin
+
+    def get(self, name: str, caller: Principal = OPERATOR) -> AdapterInfo:
+        """The adapter `name` as `caller` may see it; 404 otherwise (same answer as no such id)."""
+        ref = self.parse_name(name, caller)
+        info = None if ref is None else self.registry.resolve(ref)
+        if info is None or not self.may_use(info, caller):
+            raise AdapterNotFound(f"unknown adapter {name!r}")
+        return info
+
+    def visible(self, caller: Principal) -> list[AdapterInfo]:
+        """What `caller` may list: its own adapters and the public ones (an admin: all)."""
+        return [info for info in self.registry.list() if self.may_use(info, caller)]
+
+    def _owned(self, name: str, caller: Principal) -> AdapterInfo:
+        """`name` for a change: the owner's own adapter, or any for an admin; 404 for what the caller
+        cannot see, 403 for a public adapter of another tenant (it can see that one exists)."""
+        info = self.get(name, caller)
+        if info.tenant != caller.tenant and not caller.is_admin:
+            raise Forbidden(f"adapter {name!r} belongs to tenant {info.tenant!r}; only its owner may change it")
+        return info
+
+    # ---- writes -------------------------------------------------------------------------------
+    def submit_upload(
+        self, adapter_id: str, config_bytes: bytes, weights_bytes: bytes, owner: str = DEFAULT_TENANT
+    ) -> Future[AdapterInfo]:
+        """Run `upload` on the low-priority upload worker."""
+        return self._upload_worker.submit(self.upload, adapter_id, config_bytes, weights_bytes, owner)
+
+    def upload(
+        self, adapter_id: str, config_bytes: bytes, weights_bytes: bytes, owner: str = DEFAULT_TENANT
+    ) -> AdapterInfo:
+        """Publish (or replace) `owner`'s adapter `adapter_id`."""
         validate_adapter_id(adapter_id)
+        ref = AdapterRef(validate_tenant(owner), adapter_id)
         parsed = parse_adapter(config_bytes, weights_bytes, self.spec)
         # VeRA/RandLoRA keep only their trained vectors (projections come back from the seed).
         files = canonical_files(config_bytes, weights_bytes, parsed)
         # The version is the content digest, computed by the store while it writes (one hash pass).
         meta = AdapterInfo.from_parsed(adapter_id, "", parsed, created_at=time.time()).to_dict()
-        del meta["version"]
+        for key in ("version", "tenant", "public"):  # the store's layout and ACCESS file say these
+            del meta[key]
         meta["bytes"] = sum(len(data) for data in files.values())
+        store = self.stores.store(owner)
         with self._write_lock:
-            version = self.store.publish(adapter_id, files, {"info": meta})
-            info = AdapterInfo.from_dict({**meta, "version": version})
+            self._check_storage_quota(ref, meta["bytes"])
+            version = store.publish(adapter_id, files, {"info": meta})
+            public = bool(store.access(adapter_id).get("public", False))
+            info = AdapterInfo.from_dict({**meta, "version": version, "tenant": owner, "public": public})
             with self._lock:
                 self.cache.put(version, parsed)
                 previous = self.registry.register(info)
@@ -97,26 +161,62 @@ class AdapterService:
                 if previous is not None:
                     self._unpublish(previous.version)
             if previous is not None and previous.version != version:
-                self._remove_files(adapter_id, previous.version)
-        log.info("adapter %s version %s published (%s, rank %d)", adapter_id, version, info.kind, info.rank)
+                self._remove_files(ref, previous.version)
+        log.info("adapter %s version %s published (%s, rank %d)", ref, version, info.kind, info.rank)
         return info
 
-    def delete(self, adapter_id: str) -> AdapterInfo:
+    def _check_storage_quota(self, ref: AdapterRef, new_bytes: int) -> None:
+        limits = self.limits(ref.tenant)
+        count, used = self.registry.usage(ref.tenant)
+        replaced = self.registry.resolve(ref)
+        if replaced is not None:  # a re-upload replaces the id's current version
+            count, used = count - 1, used - replaced.bytes
+        if count + 1 > limits.max_adapters:
+            raise LimitExceeded(
+                "max_adapters",
+                f"tenant {ref.tenant!r} stores {count} adapters, its limit (max_adapters); delete one first",
+                STORAGE_RETRY_AFTER_S,
+            )
+        if used + new_bytes > limits.max_adapter_bytes:
+            raise LimitExceeded(
+                "max_adapter_bytes",
+                f"tenant {ref.tenant!r} stores {used} bytes of adapters; this one ({new_bytes} bytes) would pass "
+                f"its limit of {limits.max_adapter_bytes} (max_adapter_bytes)",
+                STORAGE_RETRY_AFTER_S,
+            )
+
+    def delete(self, name: str, caller: Principal = OPERATOR) -> AdapterInfo:
         with self._write_lock:
             with self._lock:
-                info = self.registry.remove(adapter_id)
-                if info is None:
-                    raise AdapterNotFound(f"unknown adapter {adapter_id!r}")
+                info = self._owned(name, caller)
+                self.registry.remove(info.ref)
                 self._unpublish(info.version)
             self.cache.wait_settled(info.version)
-            self.store.delete(adapter_id)
+            self.stores.store(info.tenant).delete(info.adapter_id)
         return info
 
-    def _remove_files(self, adapter_id: str, version: str) -> None:
+    def set_public(self, name: str, public: bool, caller: Principal = OPERATOR) -> AdapterInfo:
+        """Admins only: make an adapter usable by every tenant (still writable by its owner only)."""
+        if not caller.is_admin:
+            self.get(name, caller)  # 404 before 403: a user learns nothing about others' ids
+            raise Forbidden("only an admin may change whether an adapter is public")
+        with self._write_lock:
+            info = self.get(name, caller)
+            store = self.stores.store(info.tenant)
+            store.set_access(info.adapter_id, {**store.access(info.adapter_id), "public": public})
+            with self._lock:
+                current = self.registry.resolve(info.ref)
+                if current is None:
+                    raise AdapterNotFound(f"unknown adapter {name!r}")
+                info = replace(current, public=public)
+                self.registry.register(info)
+        return info
+
+    def _remove_files(self, ref: AdapterRef, version: str) -> None:
         """Remove a replaced version's files once no request waits for the loader to read them
         (requests already holding its weights in memory keep them)."""
         self.cache.wait_settled(version)
-        self.store.remove_version(adapter_id, version)
+        self.stores.store(ref.tenant).remove_version(ref.adapter_id, version)
 
     def _unpublish(self, version: str) -> None:
         """One id stopped publishing `version` (called with self._lock held)."""
@@ -126,22 +226,18 @@ class AdapterService:
             # Dropped now, or when the last request that resolved it finishes.
             self.cache.discard(version)
 
-    def get(self, adapter_id: str) -> AdapterInfo:
-        info = self.registry.resolve(adapter_id)
-        if info is None:
-            raise AdapterNotFound(f"unknown adapter {adapter_id!r}")
-        return info
-
-    def resolve(self, adapter_id: str) -> str:
-        """The id's current version, held for the caller until the engine finishes its request
-        (`HostCache.release`). In-memory only: a version not in memory is queued for the loader."""
+    # ---- the request path ---------------------------------------------------------------------
+    def resolve(self, name: str, caller: Principal = OPERATOR) -> str:
+        """The current version of the adapter `name` as `caller` sees it, held for the caller until
+        the engine finishes its request (`HostCache.release`). In-memory only: a version not in
+        memory is queued for the loader."""
         with self._lock:
-            info = self.get(adapter_id)
+            info = self.get(name, caller)
             if not self.cache.hold(info.version):
-                self.loader.request(info.adapter_id, info.version)
+                self.loader.request(info.ref, info.version)
             return info.version
 
-    def _read(self, adapter_id: str, version: str) -> ParsedAdapter:
+    def _read(self, ref: AdapterRef, version: str) -> ParsedAdapter:
         """Read and parse one stored version (the loader thread)."""
-        files = self.store.read(adapter_id, version)
+        files = self.stores.store(ref.tenant).read(ref.adapter_id, version)
         return parse_adapter(files[CONFIG_FILE], files[WEIGHTS_FILE], self.spec)

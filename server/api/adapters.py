@@ -1,4 +1,8 @@
-"""Adapter routes: upload (multipart), list, inspect, delete."""
+"""Adapter routes: upload (multipart), list, inspect, delete, and (admins) make public.
+
+Every route acts for its caller: uploads go to the caller's tenant; `{name}` is the caller's own
+adapter `id`, or another tenant's `owner/id` (see AdapterService for who may see and change what).
+"""
 
 from __future__ import annotations
 
@@ -6,19 +10,26 @@ import asyncio
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, StrictBool
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from adapters_store import AdapterInfo, AdapterTooLarge, MalformedUpload
+from server.api.auth import Caller
 from server.api.openapi import error_responses
 from server.runtime import Runtime
+from server.tenancy.principal import Principal
 
 router = APIRouter()
 
 
-def _public(info: AdapterInfo) -> dict:
+def _public(info: AdapterInfo, who: Principal) -> dict:
     return {
         "adapter_id": info.adapter_id,
+        # What this caller passes as adapter_id / model to use it: the id for its own, owner/id else.
+        "name": info.adapter_id if info.tenant == who.tenant else str(info.ref),
+        "owner": info.tenant,
+        "public": info.public,
         "version": info.version,
         "kind": info.kind,
         "rank": info.rank,
@@ -90,30 +101,47 @@ _UPLOAD_BODY = {
 
 
 @router.post(
-    "/adapters", status_code=201, responses=error_responses(400, 403, 413, 422, 500), openapi_extra=_UPLOAD_BODY
+    "/adapters",
+    status_code=201,
+    responses=error_responses(400, 401, 403, 413, 422, 429, 500),
+    openapi_extra=_UPLOAD_BODY,
 )
-async def upload_adapter(request: Request) -> JSONResponse:
+async def upload_adapter(request: Request, who: Caller) -> JSONResponse:
     runtime: Runtime = request.app.state.runtime
     cap = int(runtime.config.adapters.max_upload_mb * 2**20)
     adapter_id, config_bytes, weights_bytes = await _form_parts(request, cap)
-    info = await asyncio.wrap_future(runtime.adapters.submit_upload(adapter_id, config_bytes, weights_bytes))
-    return JSONResponse(_public(info), status_code=201)
+    upload = runtime.adapters.submit_upload(adapter_id, config_bytes, weights_bytes, owner=who.tenant)
+    info = await asyncio.wrap_future(upload)
+    return JSONResponse(_public(info, who), status_code=201)
 
 
-@router.get("/adapters")
-async def list_adapters(request: Request) -> dict:
+@router.get("/adapters", responses=error_responses(401))
+async def list_adapters(request: Request, who: Caller) -> dict:
     runtime: Runtime = request.app.state.runtime
-    return {"adapters": [_public(info) for info in runtime.adapters.registry.list()]}
+    return {"adapters": [_public(info, who) for info in runtime.adapters.visible(who)]}
 
 
-@router.get("/adapters/{adapter_id}", responses=error_responses(404))
-async def get_adapter(adapter_id: str, request: Request) -> dict:
+@router.get("/adapters/{name:path}", responses=error_responses(401, 404))
+async def get_adapter(name: str, request: Request, who: Caller) -> dict:
     runtime: Runtime = request.app.state.runtime
-    return _public(runtime.adapters.get(adapter_id))
+    return _public(runtime.adapters.get(name, who), who)
 
 
-@router.delete("/adapters/{adapter_id}", status_code=204, responses=error_responses(403, 404, 500))
-async def delete_adapter(adapter_id: str, request: Request) -> Response:
+class AccessChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    public: StrictBool
+
+
+@router.patch("/adapters/{name:path}", responses=error_responses(401, 403, 404, 422, 500))
+async def change_access(name: str, change: AccessChange, request: Request, who: Caller) -> dict:
+    """Admins: make an adapter public (every tenant may use it as `owner/id`) or private again."""
     runtime: Runtime = request.app.state.runtime
-    await run_in_threadpool(runtime.adapters.delete, adapter_id)
+    info = await run_in_threadpool(runtime.adapters.set_public, name, change.public, who)
+    return _public(info, who)
+
+
+@router.delete("/adapters/{name:path}", status_code=204, responses=error_responses(401, 403, 404, 500))
+async def delete_adapter(name: str, request: Request, who: Caller) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    await run_in_threadpool(runtime.adapters.delete, name, who)
     return Response(status_code=204)

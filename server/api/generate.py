@@ -5,18 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from server.api.auth import Caller
 from server.api.openapi import error_responses
 from server.api.schemas import GenerateRequest, GenerateResponse, Usage
+from server.api.submission import submit
 from server.engine.engine import NON_FINITE_OUTPUT
 from server.engine.request import GenerationError, SamplingParams, TokenEvent
-from server.engine.request import Request as EngineRequest
 from server.errors import InvalidRequest, ServerError
 from server.runtime import Runtime
 
@@ -83,31 +83,18 @@ def _sampling_params(body: GenerateRequest, prompt_len: int, max_model_len: int)
 @router.post(
     "/generate",
     response_model=GenerateResponse,
-    responses=error_responses(400, 403, 404, 413, 422, 500),
+    responses=error_responses(400, 401, 403, 404, 413, 422, 429, 500),
     openapi_extra={"responses": {"200": {"content": {"text/event-stream": {}}}}},
 )
-async def generate(body: GenerateRequest, http_request: Request):
+async def generate(body: GenerateRequest, http_request: Request, who: Caller):
     runtime: Runtime = http_request.app.state.runtime
     _check_text_fits(body, runtime)
     prompt_ids = await run_in_threadpool(_prompt_ids, body, runtime)
     params = _sampling_params(body, len(prompt_ids), runtime.max_model_len)
     # In memory only (no disk, no lock held across I/O): from here the request holds its adapter
     # version until the engine finishes it; a cold version is brought in by the loader meanwhile.
-    adapter_version = None if body.adapter_id is None else runtime.adapters.resolve(body.adapter_id)
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-    request_id = f"gen-{uuid.uuid4().hex[:16]}"
-    runtime.engine.submit(
-        EngineRequest(
-            request_id,
-            prompt_ids,
-            params,
-            emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-            adapter_version=adapter_version,
-            arrival_time=time.perf_counter(),
-            mode=body.mode or runtime.config.adapters.mode,
-        )
-    )
+    [submitted] = submit(runtime, who, body.adapter_id, prompt_ids, [params], body.mode)
+    request_id, events = submitted.request_id, submitted.events
     if body.stream:
         return StreamingResponse(_sse(request_id, events, runtime), media_type="text/event-stream")
     return await _collect(request_id, events, runtime, http_request)

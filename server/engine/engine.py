@@ -209,6 +209,8 @@ class Engine:
         seq.emitted_tokens += len(new_ids)
         self.sampler.forget(seq.request_id)
         self.runner.adapters.finished(seq.version)
+        if seq.request.on_finish is not None:
+            seq.request.on_finish()
         tpot = None
         if seq.first_token_time is not None and seq.num_generated > 1:
             tpot = (now - seq.first_token_time) / (seq.num_generated - 1)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from adapters_store.tenants import DEFAULT_TENANT
+
 GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
@@ -55,3 +57,5 @@ class Request:
     adapter_version: str | None = None  # an adapter's identity is its version, never its name
     mode: str = "auto"  # "auto" | "gathered" | "merged" (see engine/phases.py)
     arrival_time: float = field(default=0.0)
+    tenant: str = DEFAULT_TENANT  # whose request: the scheduler admits tenants round-robin
+    on_finish: Callable[[], None] | None = None  # called once by the engine when the request ends

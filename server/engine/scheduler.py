@@ -46,9 +46,15 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(
-        self, kv_slots: KVSlotAllocator, max_batched_tokens: int, adapter_slots: SlotTable, host: HostTier
+        self,
+        kv_slots: KVSlotAllocator,
+        max_batched_tokens: int,
+        adapter_slots: SlotTable,
+        host: HostTier,
+        running_cap: Callable[[str], int] | None = None,
     ) -> None:
         self.kv_slots = kv_slots
+        self.running_cap = running_cap or (lambda tenant: kv_slots.num_slots)
         self.adapter_slots = adapter_slots
         self.host = host
         self.max_batched_tokens = max_batched_tokens
