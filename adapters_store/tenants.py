@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InvalidAdapterId
-from .store import CURRENT, HELPER_THREADS, TMP_PREFIX, AdapterStore, validate_adapter_id
+from .store import CURRENT, HELPER_THREADS, TMP_PREFIX, AdapterStore, _rmtree, validate_adapter_id
 
 DEFAULT_TENANT = "default"
 """The tenant of a server without API keys, and the owner of adapters stored before tenants."""
@@ -71,7 +71,10 @@ class TenantStores:
         self._adopt_untenanted()
         found: dict[AdapterRef, str] = {}
         for entry in sorted(self.root.iterdir()):
-            if entry.name.startswith(TMP_PREFIX) or not entry.is_dir() or entry.is_symlink():
+            if entry.name.startswith(TMP_PREFIX):
+                _rmtree(entry)  # an in-flight write of a store from before tenants
+                continue
+            if not entry.is_dir() or entry.is_symlink():
                 continue
             try:
                 validate_tenant(entry.name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from adapters_store import DEFAULT_TENANT
 from server.config import AdapterConfig, EngineConfig, ServerConfig
 from server.runtime import build_runtime
 from tests.conftest import drive, make_request
@@ -90,7 +91,7 @@ def test_hot_swap_mid_stream_keeps_old_weights_for_running_request(demo_runtime,
     assert old_sink.token_ids == old_alone  # finished on the version it started with
     assert new_sink.token_ids == _alone(demo_runtime, "swap", "Tell me a story.", 12)
     assert new_sink.token_ids != old_sink.token_ids
-    assert service.store.versions("swap") == [v2]  # the old version's files are gone
+    assert service.stores.store(DEFAULT_TENANT).versions("swap") == [v2]  # the old version's files are gone
 
 
 def test_delete_while_running_finishes_then_404(demo_runtime, adapter_files):
@@ -107,7 +108,7 @@ def test_delete_while_running_finishes_then_404(demo_runtime, adapter_files):
     assert sink.token_ids == expected
     with pytest.raises(AdapterNotFound):
         service.resolve("doomed")
-    assert "doomed" not in service.store.scan()
+    assert "doomed" not in service.stores.store(DEFAULT_TENANT).scan()
 
 
 def test_adapter_slot_pressure_makes_requests_wait_not_mix_weights(demo_model_dir, uploaded, demo_runtime, tmp_path):
@@ -122,7 +123,8 @@ def test_adapter_slot_pressure_makes_requests_wait_not_mix_weights(demo_model_di
     )
     names = ["lora-r4-qv", "lora-r16-qkvo", "rslora-r8-all", "dora-r2-mlp"]
     for name in names:
-        files = demo_runtime.adapters.store.read(uploaded[name].adapter_id, uploaded[name].version)
+        store = demo_runtime.adapters.stores.store(DEFAULT_TENANT)
+        files = store.read(uploaded[name].adapter_id, uploaded[name].version)
         small.adapters.upload(name, files["adapter_config.json"], files["adapter_model.safetensors"])
     expected = [_alone(small, name, "Say hi.", 6) for name in names]
     pairs = [_request(small, f"p{i}", name, "Say hi.", 6, mode="gathered") for i, name in enumerate(names)]
@@ -145,10 +147,11 @@ def test_restart_re_registers_adapters_and_cleans_partial_uploads(demo_model_dir
     first = build_runtime(config)
     info = first.adapters.upload("keeper", *adapter_files["dora-r2-mlp"])
     expected = _alone(first, "keeper", "What is snow?")
-    (tmp_path / ".tmp-killedupload").mkdir()
-    (tmp_path / ".tmp-killedupload" / "adapter_model.safetensors").write_bytes(b"half")
+    killed = tmp_path / DEFAULT_TENANT / ".tmp-killedupload"  # what kill -9 mid-upload leaves
+    killed.mkdir()
+    (killed / "adapter_model.safetensors").write_bytes(b"half")
     del first
     second = build_runtime(config)
     assert second.adapters.get("keeper").version == info.version
-    assert not (tmp_path / ".tmp-killedupload").exists()
+    assert not killed.exists()
     assert _alone(second, "keeper", "What is snow?") == expected

@@ -67,7 +67,7 @@ def test_a_version_that_cannot_be_loaded_fails_its_requests_only(config, tmp_pat
     first = build_runtime(config)
     broken = first.adapters.upload("broken", *_tiny_lora(2))
     first.adapters.upload("intact", *_tiny_lora(3))
-    weights = tmp_path / "broken" / broken.version / "adapter_model.safetensors"
+    weights = tmp_path / broken.tenant / "broken" / broken.version / "adapter_model.safetensors"
     weights.write_bytes(b"\x00" * weights.stat().st_size)  # bit rot under a published version
     restarted = build_runtime(config)
     sinks = _run(restarted, {"on-broken": "broken", "on-intact": "intact", "base": None})

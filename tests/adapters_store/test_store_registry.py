@@ -6,7 +6,9 @@ import threading
 
 import torch
 
-from adapters_store import AdapterInfo, AdapterRegistry, LayerFactors, ParsedAdapter
+from dataclasses import replace
+
+from adapters_store import DEFAULT_TENANT, AdapterInfo, AdapterRef, AdapterRegistry, LayerFactors, ParsedAdapter
 
 
 def _parsed() -> ParsedAdapter:
@@ -31,15 +33,27 @@ def test_register_resolve_remove_list():
     a1 = AdapterInfo.from_parsed("a", "1" * 16, _parsed())
     a2 = AdapterInfo.from_parsed("a", "2" * 16, _parsed())
     b = AdapterInfo.from_parsed("b", "3" * 16, _parsed())
-    assert reg.resolve("a") is None
+    a = AdapterRef(DEFAULT_TENANT, "a")
+    assert reg.resolve(a) is None
     assert reg.register(b) is None
     assert reg.register(a1) is None
     assert reg.register(a2) == a1  # previous version handed back for retirement
-    assert reg.resolve("a") == a2
+    assert reg.resolve(a) == a2
     assert [i.adapter_id for i in reg.list()] == ["a", "b"]
-    assert "a" in reg and len(reg) == 2
-    assert reg.remove("a") == a2 and reg.remove("a") is None
-    assert reg.resolve("a") is None and [i.adapter_id for i in reg.list()] == ["b"]
+    assert a in reg and len(reg) == 2
+    assert reg.remove(a) == a2 and reg.remove(a) is None
+    assert reg.resolve(a) is None and [i.adapter_id for i in reg.list()] == ["b"]
+
+
+def test_ids_are_per_tenant():
+    reg = AdapterRegistry()
+    mine = replace(AdapterInfo.from_parsed("my-lora", "1" * 16, _parsed()), tenant="acme")
+    theirs = replace(AdapterInfo.from_parsed("my-lora", "2" * 16, _parsed()), tenant="globex")
+    assert reg.register(mine) is None and reg.register(theirs) is None  # same id, two owners
+    assert reg.resolve(AdapterRef("acme", "my-lora")) == mine
+    assert reg.resolve(AdapterRef("globex", "my-lora")) == theirs
+    assert reg.list("acme") == [mine] and len(reg) == 2
+    assert reg.usage("acme") == (1, mine.bytes) and reg.usage("initech") == (0, 0)
 
 
 def test_concurrent_register():
