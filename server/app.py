@@ -43,6 +43,9 @@ def create_app(runtime: Runtime) -> FastAPI:
         try:
             yield
         finally:
+            # Uvicorn has let running requests finish (or cut them at --shutdown-timeout-s). An upload
+            # still being published completes: a publish is never left half done.
+            runtime.adapters.drain_uploads()
             runtime.engine.stop()
 
     app = FastAPI(title="adapter-server", lifespan=lifespan)

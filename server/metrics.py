@@ -2,15 +2,19 @@
 
 The engine reports once per step (`observe`); the memory tiers and the phase controller keep plain
 counters that are read at scrape time (`CountsCollector`), so nothing keeps a second copy of them.
+Per-tenant and per-adapter usage (`UsageByKey`) is labelled for the busiest keys only, the rest
+summed as "other", so a thousand adapters cannot blow up /metrics.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import Counter as Tally
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from server.adapters.host_cache import TierCounts
@@ -27,6 +31,97 @@ class StepReport:
     prompt_tokens: int
     generated_tokens: int
     first_token_seconds: list[float] = field(default_factory=list)  # arrival -> first token, new ones
+    preempted: int = 0  # sequences that gave their KV slot to another tenant this step
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedRequest:
+    """One request that ended, as /metrics counts it."""
+
+    outcome: str  # stop | length | abort | error
+    tenant: str
+    adapter: str  # "owner/id", or BASE_MODEL_LABEL
+    prompt_tokens: int
+    completion_tokens: int
+    latency: float  # arrival -> end
+    time_per_output_token: float | None  # None with fewer than two tokens
+
+
+BASE_MODEL_LABEL = "base"
+OTHER_LABEL = "other"
+
+
+@dataclass(slots=True)
+class _Usage:
+    requests: Tally[str] = field(default_factory=Tally)  # outcome -> count
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_sum: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return sum(self.requests.values())
+
+    def add(self, other: _Usage) -> None:
+        self.requests.update(other.requests)
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.latency_sum += other.latency_sum
+
+
+class UsageByKey(Collector):
+    """Requests, tokens and latency per tenant (or per adapter). Exported for the `top_n` keys with the
+    most requests, every other key summed into "other"; at most `max_tracked` keys are remembered
+    (beyond that the least used is folded into "other" for good), so memory stays bounded too."""
+
+    def __init__(self, prefix: str, label: str, top_n: int, max_tracked: int | None = None) -> None:
+        self.prefix, self.label, self.top_n = prefix, label, top_n
+        self.max_tracked = max_tracked or 10 * top_n
+        self._lock = threading.Lock()
+        self._usage: dict[str, _Usage] = {}
+        self._folded = _Usage()
+
+    def record(self, key: str, done: FinishedRequest) -> None:
+        with self._lock:
+            usage = self._usage.get(key)
+            if usage is None:
+                if len(self._usage) >= self.max_tracked:
+                    least = min(self._usage, key=lambda k: self._usage[k].total)
+                    self._folded.add(self._usage.pop(least))
+                usage = self._usage[key] = _Usage()
+            usage.requests[done.outcome] += 1
+            usage.prompt_tokens += done.prompt_tokens
+            usage.completion_tokens += done.completion_tokens
+            usage.latency_sum += done.latency
+
+    def _exported(self) -> dict[str, _Usage]:
+        with self._lock:
+            ranked = sorted(self._usage, key=lambda k: (-self._usage[k].total, k))
+            out = {k: self._usage[k] for k in ranked[: self.top_n]}
+            other = _Usage()
+            other.add(self._folded)
+            for k in ranked[self.top_n :]:
+                other.add(self._usage[k])
+        if other.total:
+            out[OTHER_LABEL] = other
+        return out
+
+    def collect(self) -> Iterator[CounterMetricFamily | SummaryMetricFamily]:
+        usage = self._exported()
+        p, label = self.prefix, self.label
+        requests = CounterMetricFamily(
+            f"{p}_requests", f"Finished requests by {label} and outcome", labels=[label, "outcome"]
+        )
+        prompt = CounterMetricFamily(f"{p}_prompt_tokens", f"Prompt tokens by {label}", labels=[label])
+        generated = CounterMetricFamily(f"{p}_generation_tokens", f"Generated tokens by {label}", labels=[label])
+        latency = SummaryMetricFamily(f"{p}_request_latency_seconds", f"Arrival to end by {label}", labels=[label])
+        for key, u in usage.items():
+            for outcome, n in sorted(u.requests.items()):
+                requests.add_metric([key, outcome], n)
+            prompt.add_metric([key], u.prompt_tokens)
+            generated.add_metric([key], u.completion_tokens)
+            latency.add_metric([key], count_value=u.total, sum_value=u.latency_sum)
+        yield from (requests, prompt, generated, latency)
 
 
 _TIER_COUNTERS = {
@@ -60,9 +155,13 @@ class CountsCollector(Collector):
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, top_n: int = 20) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.by_tenant = UsageByKey("tenant", "tenant", top_n)
+        self.by_adapter = UsageByKey("adapter", "adapter", top_n)
+        r.register(self.by_tenant)
+        r.register(self.by_adapter)
         self.requests = Counter(
             "requests", "Finished requests by outcome (stop, length, abort, error, rejected)", ["outcome"], registry=r
         )
@@ -76,6 +175,9 @@ class Metrics:
             "Mean gap between output tokens of a request",
             buckets=_LATENCY_BUCKETS,
             registry=r,
+        )
+        self.preemptions = Counter(
+            "preemptions", "Sequences that gave their KV slot to another tenant (resumed by recompute)", registry=r
         )
         self.queue_depth = Gauge("queue_depth", "Requests waiting for admission", registry=r)
         self.running_sequences = Gauge("running_sequences", "Sequences holding a KV slot", registry=r)
@@ -104,7 +206,7 @@ class Metrics:
     def observe(
         self,
         step: StepReport | None,
-        finished: list[tuple[str, float | None]],
+        finished: list[FinishedRequest],
         waiting: int,
         running: int,
         kv_used_ratio: float,
@@ -117,11 +219,14 @@ class Metrics:
             for seconds in step.first_token_seconds:
                 self.time_to_first_token.observe(seconds)
             self.step_seconds.observe(step.seconds)
+            self.preemptions.inc(step.preempted)
             self.phase_seconds.labels(step.phase).inc(step.seconds)
-        for outcome, tpot in finished:
-            self.requests.labels(outcome).inc()
-            if tpot is not None:
-                self.time_per_output_token.observe(tpot)
+        for done in finished:
+            self.requests.labels(done.outcome).inc()
+            if done.time_per_output_token is not None:
+                self.time_per_output_token.observe(done.time_per_output_token)
+            self.by_tenant.record(done.tenant, done)
+            self.by_adapter.record(done.adapter, done)
         self.queue_depth.set(waiting)
         self.running_sequences.set(running)
         self.kv_cache_usage.set(kv_used_ratio)

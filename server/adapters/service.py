@@ -226,16 +226,24 @@ class AdapterService:
             # Dropped now, or when the last request that resolved it finishes.
             self.cache.discard(version)
 
+    def drain_uploads(self) -> None:
+        """Wait until every upload accepted so far is published or refused (server shutdown)."""
+        self._upload_worker.submit(lambda: None).result()  # one FIFO worker: runs after them all
+
     # ---- the request path ---------------------------------------------------------------------
     def resolve(self, name: str, caller: Principal = OPERATOR) -> str:
         """The current version of the adapter `name` as `caller` sees it, held for the caller until
         the engine finishes its request (`HostCache.release`). In-memory only: a version not in
         memory is queued for the loader."""
+        return self.resolve_info(name, caller).version
+
+    def resolve_info(self, name: str, caller: Principal = OPERATOR) -> AdapterInfo:
+        """`resolve`, returning the whole AdapterInfo of the version it holds."""
         with self._lock:
             info = self.get(name, caller)
             if not self.cache.hold(info.version):
                 self.loader.request(info.ref, info.version)
-            return info.version
+            return info
 
     def _read(self, ref: AdapterRef, version: str) -> ParsedAdapter:
         """Read and parse one stored version (the loader thread)."""

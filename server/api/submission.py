@@ -45,13 +45,13 @@ def submit(
     gate, tenant = runtime.gate, caller.tenant
     gate.enter(tenant, len(choices))
     try:
-        versions = [None if adapter is None else runtime.adapters.resolve(adapter, caller) for _ in choices]
+        held = [None if adapter is None else runtime.adapters.resolve_info(adapter, caller) for _ in choices]
     except BaseException:
         gate.leave(tenant, len(choices))  # resolve holds all versions or raises before the first
         raise
     loop = asyncio.get_running_loop()
     submitted = []
-    for params, version in zip(choices, versions, strict=True):
+    for params, info in zip(choices, held, strict=True):
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         request_id = new_request_id(id_prefix)
         runtime.engine.submit(
@@ -60,10 +60,11 @@ def submit(
                 prompt_ids,
                 params,
                 emit=lambda ev, q=events: loop.call_soon_threadsafe(q.put_nowait, ev),
-                adapter_version=version,
+                adapter_version=None if info is None else info.version,
                 arrival_time=time.perf_counter(),
                 mode=mode or runtime.config.adapters.mode,
                 tenant=tenant,
+                adapter_name=None if info is None else str(info.ref),
                 on_finish=lambda: gate.leave(tenant),
             )
         )

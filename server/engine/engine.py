@@ -6,7 +6,7 @@ request's `emit` callback. One loop: drain the inbox, then `step`:
     phase   = phases.advance(...)            # merge / restore between steps when the policy says so
     batch   = scheduler.schedule(phase)      # who runs this step
     logits  = runner.run(batch)              # one forward pass for everyone
-    tokens  = sampler.sample(logits, ...)    # per-request, seeded; None for a row that broke
+    tokens, logprobs = sampler.sample(...)   # per-request, seeded; None for a row that broke
     done    = scheduler.postprocess(...)     # advance, append, release
     publish / finish, then observe (metrics)
 """
@@ -26,7 +26,7 @@ from server.engine.runner import ModelRunner
 from server.engine.sampler import Sampler
 from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.engine.sequence import Sequence
-from server.metrics import Metrics, StepReport
+from server.metrics import BASE_MODEL_LABEL, FinishedRequest, Metrics, StepReport
 from server.model.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class Engine:
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
         self.phases = phases
-        self._finished: list[tuple[str, float | None]] = []  # (outcome, mean TPOT) since the last observe
+        self._finished: list[FinishedRequest] = []  # since the last observe
         self._inbox: queue.Queue[Request | _Abort | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -162,15 +162,17 @@ class Engine:
         try:
             self.runner.wipe_kv(self.scheduler.take_released_kv())
             logits = self.runner.run(batch)
-            tokens = self.sampler.sample(logits, [(s.request_id, s.request.params) for s in sampled])
+            tokens, logprobs = self.sampler.sample(logits, [(s.request_id, s.request.params) for s in sampled])
         except Exception as exc:  # a failing step must not take the server down with it
             log.exception("engine step failed")
             self._fail(batch, f"internal error during generation: {exc}")
             return True
-        for seq, token in zip(sampled, tokens):
+        for seq, token, logprob in zip(sampled, tokens, logprobs):
             if token is None:  # this request's numbers broke; the rest of the batch is sampled as usual
                 seq.error = NON_FINITE_OUTPUT
                 log.warning("request %s (adapter version %s) ended: non-finite logits", seq.request_id, seq.version)
+            elif logprob is not None:
+                seq.pending_logprobs.append(logprob)
         finished = self.scheduler.postprocess(batch, tokens)
         now = time.perf_counter()
         first_tokens = []
@@ -189,6 +191,7 @@ class Engine:
                 prompt_tokens=sum(n for _, n in batch.prefills),
                 generated_tokens=sum(t is not None for t in tokens),
                 first_token_seconds=first_tokens,
+                preempted=len(batch.preempted),
             )
         )
         return True
@@ -200,7 +203,8 @@ class Engine:
     def _publish(self, seq: Sequence) -> None:
         new_ids = seq.token_ids[seq.num_prompt + seq.emitted_tokens :]
         seq.emitted_tokens += len(new_ids)
-        seq.request.emit(TokenEvent(seq.request_id, new_ids, seq.detokenizer.take_delta(final=False)))
+        delta = seq.detokenizer.take_delta(final=False)
+        seq.request.emit(TokenEvent(seq.request_id, new_ids, delta, logprobs=seq.take_logprobs()))
 
     def _finish(self, seq: Sequence, now: float) -> None:
         """Every request ends here exactly once: drop its sampler state and its adapter hold, emit
@@ -214,7 +218,18 @@ class Engine:
         tpot = None
         if seq.first_token_time is not None and seq.num_generated > 1:
             tpot = (now - seq.first_token_time) / (seq.num_generated - 1)
-        self._finished.append((seq.finish_reason, tpot))
+        request = seq.request
+        self._finished.append(
+            FinishedRequest(
+                outcome=seq.finish_reason,
+                tenant=request.tenant,
+                adapter=request.adapter_name or BASE_MODEL_LABEL,
+                prompt_tokens=seq.num_prompt,
+                completion_tokens=seq.num_generated,
+                latency=now - request.arrival_time,
+                time_per_output_token=tpot,
+            )
+        )
         seq.request.emit(
             TokenEvent(
                 seq.request_id,
@@ -224,6 +239,7 @@ class Engine:
                 prompt_tokens=seq.num_prompt,
                 completion_tokens=seq.num_generated,
                 error=seq.error,
+                logprobs=seq.take_logprobs(),
             )
         )
 

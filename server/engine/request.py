@@ -19,6 +19,7 @@ class SamplingParams:
     seed: int | None = None  # same seed + same request = same tokens, whatever else is batched
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None = none; k = each token's logprob and its k most likely alternatives
 
     @property
     def greedy(self) -> bool:
@@ -36,6 +37,16 @@ class GenerationError:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One sampled token's log-probability and the `top` most likely tokens of the same step, (id,
+    logprob) best first, under the distribution it was sampled from (after temperature)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class TokenEvent:
     """A delta of one request's output; the last one has `finish_reason` set."""
 
@@ -46,6 +57,7 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: GenerationError | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token of `token_ids`, when the request asked
 
 
 @dataclass(slots=True)
@@ -58,4 +70,5 @@ class Request:
     mode: str = "auto"  # "auto" | "gathered" | "merged" (see engine/phases.py)
     arrival_time: float = field(default=0.0)
     tenant: str = DEFAULT_TENANT  # whose request: the scheduler admits tenants round-robin
+    adapter_name: str | None = None  # "owner/id" of the adapter version, for per-adapter metrics
     on_finish: Callable[[], None] | None = None  # called once by the engine when the request ends

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.request import GenerationError, Request
+from server.engine.request import GenerationError, Request, TokenLogprob
 
 
 class SeqStatus(enum.Enum):
@@ -29,6 +29,15 @@ class Sequence:
     error: GenerationError | None = None  # why, when finish_reason is "error"
     first_token_time: float | None = None
     emitted_tokens: int = field(default=0)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # of sampled tokens not yet emitted
+    # Tokens to compute before the next one is sampled: the prompt, or after a preemption
+    # everything so far (the KV is recomputed; the tokens already sampled stay).
+    prefill_end: int = -1
+    preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prefill_end < 0:
+            self.prefill_end = len(self.request.prompt_ids)
 
     @property
     def request_id(self) -> str:
@@ -37,6 +46,10 @@ class Sequence:
     @property
     def version(self) -> str | None:
         return self.request.adapter_version
+
+    @property
+    def tenant(self) -> str:
+        return self.request.tenant
 
     @property
     def mode(self) -> str:
@@ -56,7 +69,16 @@ class Sequence:
 
     @property
     def in_prefill(self) -> bool:
-        return self.num_computed < self.num_prompt
+        return self.num_computed < self.prefill_end
+
+    def preempt(self) -> None:
+        """Give up the KV slot; resume later by recomputing every token so far (then sampling the
+        next one, exactly where decoding stopped)."""
+        self.num_computed = 0
+        self.prefill_end = len(self.token_ids)
+        self.kv_slot = None
+        self.status = SeqStatus.WAITING
+        self.preemptions += 1
 
     def append(self, token_id: int) -> None:
         """Record a sampled token and decide whether the sequence is finished."""
@@ -70,3 +92,10 @@ class Sequence:
             self.finish_reason = "stop"
         elif self.num_generated >= params.max_tokens or len(self.token_ids) >= self.max_len:
             self.finish_reason = "length"
+
+    def take_logprobs(self) -> list[TokenLogprob] | None:
+        """The logprobs of the tokens about to be emitted; None when the request did not ask for them."""
+        if self.request.params.logprobs is None:
+            return None
+        taken, self.pending_logprobs = self.pending_logprobs, []
+        return taken

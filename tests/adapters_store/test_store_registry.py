@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import torch
-
-from dataclasses import replace
 
 from adapters_store import DEFAULT_TENANT, AdapterInfo, AdapterRef, AdapterRegistry, LayerFactors, ParsedAdapter
 
