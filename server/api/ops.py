@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from server.api.auth import admin
 from server.api.openapi import error_responses
 from server.runtime import Runtime
 
@@ -32,7 +33,10 @@ async def health(request: Request) -> Response:
     return JSONResponse(body, status_code=200 if status.alive else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", responses=error_responses(401, 403))
 async def metrics(request: Request) -> Response:
+    """Prometheus text. With API keys configured, an admin key is needed: the per-tenant series name
+    tenants and adapters (Prometheus sends it with `authorization: {credentials: ...}`)."""
     runtime: Runtime = request.app.state.runtime
+    await admin(request)
     return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
