@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store import AdapterError
-from server.api import adapters, generate, ops
+from server.api import adapters, generate, openai_routes, ops
+from server.api.envelope import error_response, is_openai, validation_details
 from server.api.guards import MUTATING_METHODS, BodyLimit, CrossSiteWriteGuard, RequestTooLarge
 from server.api.schemas import UNDECODABLE_TEXT
 from server.errors import ServerError
@@ -22,10 +23,6 @@ log = logging.getLogger(__name__)
 
 # Validation errors that mean "these bytes are not JSON / not text" rather than "a field is wrong".
 _UNDECODABLE = {"json_invalid", "string_unicode", UNDECODABLE_TEXT}
-
-
-def _error(status: int, message: str, error_type: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": error_type}}, status_code=status, headers=headers)
 
 
 def _describe_validation(exc: RequestValidationError) -> str:
@@ -53,6 +50,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(generate.router)
     app.include_router(adapters.router)
     app.include_router(ops.router)
+    app.include_router(openai_routes.router)
 
     config = runtime.config
     upload_cap = int(config.adapters.max_upload_mb * 2**20)
@@ -76,33 +74,43 @@ def create_app(runtime: Runtime) -> FastAPI:
         """A request answered without generating: a 4xx is `rejected`, a 5xx an `error`."""
         runtime.metrics.requests.labels("rejected" if status < 500 else "error").inc()
 
+    def unserved(
+        request: Request,
+        status: int,
+        message: str,
+        kind: str,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
+    ) -> JSONResponse:
+        """Count the request, and answer in the envelope of its route (OpenAI's on /v1)."""
+        count_unserved(status)
+        return error_response(request.url.path, status, message, kind, param, headers)
+
     @app.exception_handler(ServerError)
     async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
-        count_unserved(exc.status)
-        return _error(exc.status, exc.message, exc.error_type, exc.headers)
+        return unserved(request, exc.status, exc.message, exc.error_type, exc.headers, getattr(exc, "param", None))
 
     @app.exception_handler(AdapterError)
     async def _adapter_error(request: Request, exc: AdapterError) -> JSONResponse:
-        count_unserved(exc.status)
-        return _error(exc.status, exc.message, exc.code)
+        return unserved(request, exc.status, exc.message, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if is_openai(request.url.path):  # OpenAI answers every malformed body with a 400
+            code, param = validation_details(exc.errors())
+            return unserved(request, 400, _describe_validation(exc), code, param=param)
         status = 400 if any(err.get("type") in _UNDECODABLE for err in exc.errors()) else 422
-        count_unserved(status)
-        return _error(status, _describe_validation(exc), "invalid_request")
+        return unserved(request, status, _describe_validation(exc), "invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        count_unserved(exc.status_code)
         kind = "request_too_large" if isinstance(exc, RequestTooLarge) else "http_error"
-        return _error(exc.status_code, str(exc.detail), kind)
+        return unserved(request, exc.status_code, str(exc.detail), kind, exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A bug, not bad input: logged with its traceback, counted, and answered in the usual envelope.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        count_unserved(500)
-        return _error(500, f"internal error: {type(exc).__name__}", "internal_error")
+        return unserved(request, 500, f"internal error: {type(exc).__name__}", "internal_error")
 
     return app

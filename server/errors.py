@@ -23,6 +23,15 @@ class InvalidRequest(ServerError):
     error_type = "invalid_request"
 
 
+class InvalidField(InvalidRequest):
+    """An invalid request caused by one field of the body, which `param` names (OpenAI's error
+    envelope carries it)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class ModelLoadError(ServerError):
     """Raised at startup when the checkpoint cannot be served; never reaches a client."""
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -13,71 +12,38 @@ from starlette.concurrency import run_in_threadpool
 
 from server.api.auth import Caller
 from server.api.openapi import error_responses
+from server.api.outputs import client_gone, follow, gather
+from server.api.prompt import check_text_fits, token_budget, tokenize
 from server.api.schemas import GenerateRequest, GenerateResponse, Usage
 from server.api.submission import submit
-from server.engine.engine import NON_FINITE_OUTPUT
-from server.engine.request import GenerationError, SamplingParams, TokenEvent
-from server.errors import InvalidRequest, ServerError
+from server.engine.request import SamplingParams, TokenEvent, TokenLogprob
 from server.runtime import Runtime
 
 router = APIRouter()
-_DISCONNECT_POLL_SECONDS = 0.25
-
-
-class GenerationFailed(ServerError):
-    def __init__(self, error: GenerationError | None) -> None:
-        error = error or GenerationError("internal_error", "generation failed")
-        super().__init__(error.message)
-        self.error_type = error.kind
-        # The request's own numbers broke (its adapter): the client's problem, not the server's.
-        self.status = 422 if error.kind == NON_FINITE_OUTPUT.kind else 500
-
-
-def _check_text_fits(body: GenerateRequest, runtime: Runtime) -> None:
-    """Refuse text that cannot fit the context before spending CPU on tokenizing it."""
-    limit = runtime.max_model_len * runtime.tokenizer.max_bytes_per_token
-    size = body.text_bytes()
-    if size > limit:
-        raise InvalidRequest(
-            f"the prompt is {size} bytes of text; the context holds {runtime.max_model_len} "
-            f"tokens and no token covers more than {runtime.tokenizer.max_bytes_per_token} "
-            "bytes, so it cannot fit"
-        )
-
-
-def _prompt_ids(body: GenerateRequest, runtime: Runtime) -> list[int]:
-    """Tokenize (CPU-heavy: runs in a worker thread, never on the event loop)."""
-    tokenizer = runtime.tokenizer
-    if body.messages is not None:
-        ids = tokenizer.encode_chat([m.model_dump() for m in body.messages])
-    else:
-        ids = tokenizer.encode(body.prompt)
-    if not ids:
-        raise InvalidRequest("the prompt encodes to zero tokens")
-    if len(ids) >= runtime.max_model_len:
-        raise InvalidRequest(
-            f"the prompt has {len(ids)} tokens; the context holds {runtime.max_model_len} "
-            "including at least one generated token"
-        )
-    return ids
 
 
 def _sampling_params(body: GenerateRequest, prompt_len: int, max_model_len: int) -> SamplingParams:
-    room = max_model_len - prompt_len
-    if body.max_tokens is not None and body.max_tokens > room:
-        raise InvalidRequest(
-            f"max_tokens={body.max_tokens} plus the {prompt_len}-token prompt exceeds the "
-            f"context of {max_model_len} tokens (at most {room} new tokens fit)"
-        )
     return SamplingParams(
-        max_tokens=body.max_tokens or room,
+        max_tokens=token_budget(body.max_tokens, prompt_len, max_model_len),
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
         seed=body.seed,
         stop=body.stop_strings(),
         ignore_eos=body.ignore_eos,
+        logprobs=body.logprobs,
     )
+
+
+def logprobs_json(logprobs: list[TokenLogprob]) -> list[dict]:
+    return [
+        {
+            "token_id": lp.token_id,
+            "logprob": lp.logprob,
+            "top_logprobs": [{"token_id": token_id, "logprob": logprob} for token_id, logprob in lp.top],
+        }
+        for lp in logprobs
+    ]
 
 
 @router.post(
@@ -88,50 +54,29 @@ def _sampling_params(body: GenerateRequest, prompt_len: int, max_model_len: int)
 )
 async def generate(body: GenerateRequest, http_request: Request, who: Caller):
     runtime: Runtime = http_request.app.state.runtime
-    _check_text_fits(body, runtime)
-    prompt_ids = await run_in_threadpool(_prompt_ids, body, runtime)
+    check_text_fits(body.text_bytes(), runtime, "messages" if body.messages is not None else "prompt")
+    messages = None if body.messages is None else [m.model_dump() for m in body.messages]
+    prompt_ids = await run_in_threadpool(tokenize, runtime, body.prompt, messages)
     params = _sampling_params(body, len(prompt_ids), runtime.max_model_len)
     # In memory only (no disk, no lock held across I/O): from here the request holds its adapter
     # version until the engine finishes it; a cold version is brought in by the loader meanwhile.
-    [submitted] = submit(runtime, who, body.adapter_id, prompt_ids, [params], body.mode)
-    request_id, events = submitted.request_id, submitted.events
+    submitted = submit(runtime, who, body.adapter_id, prompt_ids, [params], body.mode)
+    request_id = submitted[0].request_id
     if body.stream:
-        return StreamingResponse(_sse(request_id, events, runtime), media_type="text/event-stream")
-    return await _collect(request_id, events, runtime, http_request)
-
-
-async def _collect(
-    request_id: str, events: asyncio.Queue[TokenEvent], runtime: Runtime, http_request: Request
-) -> JSONResponse:
-    """Gather the whole answer; if the client goes away first, abort so its KV slot is freed."""
-    text, token_ids = [], []
-    next_check = time.monotonic() + _DISCONNECT_POLL_SECONDS
-    while True:
-        try:
-            event = await asyncio.wait_for(events.get(), _DISCONNECT_POLL_SECONDS)
-        except TimeoutError:
-            event = None
-        if event is not None:
-            text.append(event.text)
-            token_ids.extend(event.token_ids)
-            if event.finish_reason is not None:
-                break
-        if time.monotonic() >= next_check:  # tokens may arrive faster than the poll period
-            next_check = time.monotonic() + _DISCONNECT_POLL_SECONDS
-            if await http_request.is_disconnected():
-                runtime.engine.abort(request_id)
-                return JSONResponse({"error": {"message": "client disconnected", "type": "aborted"}}, 499)
-    if event.finish_reason == "error":
-        raise GenerationFailed(event.error)
-    return JSONResponse(
-        GenerateResponse(
-            id=request_id,
-            text="".join(text),
-            token_ids=token_ids,
-            finish_reason=event.finish_reason,
-            usage=Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
-        ).model_dump()
+        return StreamingResponse(_sse(request_id, follow(submitted, runtime)), media_type="text/event-stream")
+    outputs = await gather(submitted, runtime, http_request)
+    if outputs is None:
+        return client_gone()
+    [output] = outputs
+    answer = GenerateResponse(
+        id=request_id,
+        text=output.text,
+        token_ids=output.token_ids,
+        finish_reason=output.finish_reason,
+        usage=Usage(prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens),
+        logprobs=None if output.logprobs is None else logprobs_json(output.logprobs),
     )
+    return JSONResponse(answer.model_dump(exclude_none=True))  # `logprobs` only when asked for
 
 
 def _sse_line(payload: dict | str) -> str:
@@ -139,20 +84,16 @@ def _sse_line(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
-async def _sse(request_id: str, events: asyncio.Queue[TokenEvent], runtime: Runtime) -> AsyncIterator[str]:
-    finished = False
-    try:
-        while not finished:
-            event = await events.get()
-            finished = event.finish_reason is not None
+async def _sse(request_id: str, events: AsyncIterator[tuple[int, TokenEvent]]) -> AsyncIterator[str]:
+    async with aclosing(events):  # leaving early (the client disconnected) aborts the request
+        async for _, event in events:
             payload: dict = {"id": request_id, "text": event.text, "token_ids": event.token_ids}
-            if finished:
+            if event.logprobs is not None:
+                payload["logprobs"] = logprobs_json(event.logprobs)
+            if event.finish_reason is not None:
                 payload["finish_reason"] = event.finish_reason
                 payload["usage"] = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens}
                 if event.error:
                     payload["error"] = {"message": event.error.message, "type": event.error.kind}
             yield _sse_line(payload)
-        yield _sse_line("[DONE]")
-    finally:
-        if not finished:  # the client disconnected mid-stream (Starlette cancelled us)
-            runtime.engine.abort(request_id)
+    yield _sse_line("[DONE]")

@@ -16,6 +16,7 @@ UNDECODABLE_TEXT = "undecodable_text"  # the error type the app answers with 400
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 1024
+MAX_LOGPROBS = 20  # most alternatives per token a request may ask for (OpenAI's top_logprobs bound)
 
 
 def _encodable(text: str) -> str:
@@ -32,6 +33,8 @@ def _encodable(text: str) -> str:
 
 Text = Annotated[StrictStr, AfterValidator(_encodable)]
 StopString = Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(_encodable)]
+# One stop string or a list of them (the bound on the list must not apply to a single string's length).
+StopStrings = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
@@ -51,11 +54,12 @@ class GenerateRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, strict=True)
     top_k: int = Field(default=0, ge=0, le=2**31 - 1, strict=True)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, strict=True)
-    stop: StopString | list[StopString] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
+    stop: StopStrings | None = None
     ignore_eos: StrictBool = False
     stream: StrictBool = False
     adapter_id: Text | None = Field(default=None, max_length=256)
     mode: Literal["auto", "gathered", "merged"] | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, strict=True)
 
     @model_validator(mode="after")
     def _exactly_one_input(self) -> GenerateRequest:
@@ -82,12 +86,26 @@ class Usage(BaseModel):
     completion_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token_id: int
+    logprob: float
+
+
+class TokenLogprobs(BaseModel):
+    """A generated token's log-probability and its `logprobs` most likely alternatives (best first)."""
+
+    token_id: int
+    logprob: float
+    top_logprobs: list[TopLogprob]
+
+
 class GenerateResponse(BaseModel):
     id: str
     text: str
     token_ids: list[int]
     finish_reason: Literal["stop", "length"]
     usage: Usage
+    logprobs: list[TokenLogprobs] | None = None  # present when the request asked (one per token_ids entry)
 
 
 class ErrorBody(BaseModel):
@@ -99,3 +117,16 @@ class ErrorResponse(BaseModel):
     """Every 4xx/5xx answer: `{"error": {"message", "type"}}`."""
 
     error: ErrorBody
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str  # OpenAI's class of error: invalid_request_error, authentication_error, ...
+    param: str | None  # the offending body field, when known
+    code: str  # our specific kind
+
+
+class OpenAIErrorResponse(BaseModel):
+    """Every 4xx/5xx answer of the /v1 routes: OpenAI's `{"error": {"message", "type", "param", "code"}}`."""
+
+    error: OpenAIErrorBody

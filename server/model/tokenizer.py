@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders
 
 from server.errors import InvalidRequest, ModelLoadError
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE spells each byte as one printable character (GPT-2's table); the inverse."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
 
 
 def _raise_exception(message: str) -> None:
@@ -54,6 +66,18 @@ class TextTokenizer:
         # encode_batch releases the GIL while it works (plain encode holds it: a 6 MB text froze
         # every other thread, the event loop included, for 5 s); callers run this off the loop.
         return self._tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of text one token stands for (special tokens: their own text). A token can be
+        part of a UTF-8 character, so this is exact where decoding the token alone is not."""
+        piece = self._tokenizer.id_to_token(token_id) or ""
+        if isinstance(self._tokenizer.decoder, decoders.ByteLevel):
+            if all(c in _BYTE_LEVEL for c in piece):
+                return bytes(_BYTE_LEVEL[c] for c in piece)
+            return piece.encode()  # an added token outside the byte alphabet: its own text
+        if match := _BYTE_FALLBACK.fullmatch(piece):
+            return bytes([int(match[1], 16)])
+        return piece.replace("\u2581", " ").encode()  # SentencePiece's word-boundary mark is a space
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
