@@ -338,3 +338,17 @@ def test_malformed_bodies_are_400_in_openai_shape(server):
     # /generate keeps its own envelope and statuses
     r = httpx.post(f"{url}/generate", content=b'{"prompt": 5}', headers=auth)
     assert r.status_code == 422 and set(r.json()["error"]) == {"message", "type"}
+
+
+def test_refusals_before_routing_use_the_openai_shape_too(server):
+    """The cross-site write guard and the body cap answer before any route runs; on /v1 they still
+    speak OpenAI's envelope."""
+    url, keys, base = server
+    auth = {"Authorization": f"Bearer {keys['acme']}"}
+    body = {"model": base, "messages": QUESTION, "max_tokens": 1}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, headers={**auth, "origin": "http://evil.example"})
+    assert r.status_code == 403
+    assert r.json()["error"] == {**r.json()["error"], "type": "permission_error", "code": "cross_origin_refused"}
+    r = httpx.post(f"{url}/v1/completions", json={"model": base, "prompt": "x" * 5 * 2**20}, headers=auth)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+    assert r.json()["error"]["code"] == "request_too_large"

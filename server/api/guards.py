@@ -12,6 +12,8 @@ from collections.abc import Callable
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.envelope import error_body
+
 MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -23,8 +25,8 @@ class RequestTooLarge(HTTPException):
         super().__init__(413, f"request body exceeds the {limit}-byte limit for this route")
 
 
-async def send_error(send: Send, status: int, message: str, error_type: str) -> None:
-    body = json.dumps({"error": {"message": message, "type": error_type}}).encode()
+async def send_error(scope: Scope, send: Send, status: int, message: str, error_type: str) -> None:
+    body = json.dumps(error_body(scope["path"], status, message, error_type)).encode()
     await send(
         {
             "type": "http.response.start",
@@ -52,6 +54,7 @@ class BodyLimit:
         declared = _header(scope, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             await send_error(
+                scope,
                 send,
                 413,
                 f"request body of {declared} bytes exceeds the {limit}-byte limit for this route",
@@ -90,6 +93,7 @@ class CrossSiteWriteGuard:
             origin = _header(scope, b"origin")
             if origin is not None and origin not in self.allowed and "*" not in self.allowed:
                 await send_error(
+                    scope,
                     send,
                     403,
                     f"cross-origin {scope['method']} from {origin!r} refused: list the "
