@@ -38,15 +38,19 @@ class GenerationFailed(ServerError):
 class Output:
     """One engine request's whole answer, gathered from its events."""
 
-    text: str = ""
+    texts: list[str] = field(default_factory=list)  # the deltas, joined by `text`
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
     def add(self, event: TokenEvent) -> None:
-        self.text += event.text
+        self.texts.append(event.text)
         self.token_ids.extend(event.token_ids)
         if event.logprobs is not None:
             self.logprobs = self.logprobs if self.logprobs is not None else []
