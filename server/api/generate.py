@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -12,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.api.auth import Caller
 from server.api.openapi import error_responses
-from server.api.outputs import client_gone, follow, gather
+from server.api.outputs import client_gone, follow, gather, sse_line
 from server.api.prompt import check_text_fits, token_budget, tokenize
 from server.api.schemas import GenerateRequest, GenerateResponse, Usage
 from server.api.submission import submit
@@ -79,11 +78,6 @@ async def generate(body: GenerateRequest, http_request: Request, who: Caller):
     return JSONResponse(answer.model_dump(exclude_none=True))  # `logprobs` only when asked for
 
 
-def _sse_line(payload: dict | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n"
-
-
 async def _sse(request_id: str, events: AsyncIterator[tuple[int, TokenEvent]]) -> AsyncIterator[str]:
     async with aclosing(events):  # leaving early (the client disconnected) aborts the request
         async for _, event in events:
@@ -95,5 +89,5 @@ async def _sse(request_id: str, events: AsyncIterator[tuple[int, TokenEvent]]) -
                 payload["usage"] = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens}
                 if event.error:
                     payload["error"] = {"message": event.error.message, "type": event.error.kind}
-            yield _sse_line(payload)
-    yield _sse_line("[DONE]")
+            yield sse_line(payload)
+    yield sse_line("[DONE]")

@@ -9,7 +9,6 @@ is reproducible and equals a /generate request with that seed.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -24,7 +23,7 @@ from server.api.envelope import OPENAI_PREFIX, error_body
 from server.api.openai_format import AnswerFormat, ChatFormat, CompletionFormat
 from server.api.openai_schemas import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from server.api.openapi import error_responses
-from server.api.outputs import GenerationFailed, client_gone, follow, gather
+from server.api.outputs import GenerationFailed, client_gone, follow, gather, sse_line
 from server.api.prompt import check_prompt_ids, check_text_fits, token_budget, tokenize
 from server.api.schemas import OpenAIErrorResponse
 from server.api.submission import submit
@@ -98,10 +97,14 @@ def _adapter_of(model: str, runtime: Runtime, who: Principal) -> str | None:
     return model
 
 
-def _choices(body: OpenAIRequest, runtime: Runtime, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
+def _choice_count(body: OpenAIRequest, runtime: Runtime) -> int:
     n = 1 if body.n is None else body.n
     if n > runtime.config.max_n:
         raise InvalidField("n", f"n={n} is over this server's limit of {runtime.config.max_n} choices (--max-n)")
+    return n
+
+
+def _choices(body: OpenAIRequest, n: int, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
     return [
         SamplingParams(
             max_tokens=max_tokens,
@@ -120,7 +123,7 @@ def _choices(body: OpenAIRequest, runtime: Runtime, max_tokens: int, logprobs: i
 )
 async def completions(body: CompletionRequest, http_request: Request, who: Caller):
     runtime: Runtime = http_request.app.state.runtime
-    adapter = _adapter_of(body.model, runtime, who)
+    adapter, n = _adapter_of(body.model, runtime, who), _choice_count(body, runtime)
     if isinstance(body.prompt, str):
         check_text_fits(len(body.prompt.encode()), runtime, "prompt")
         prompt_ids = await run_in_threadpool(tokenize, runtime, body.prompt, None)
@@ -129,7 +132,7 @@ async def completions(body: CompletionRequest, http_request: Request, who: Calle
     max_tokens = token_budget(body.max_tokens, len(prompt_ids), runtime.max_model_len)
     if body.max_tokens is None:
         max_tokens = min(max_tokens, DEFAULT_COMPLETION_TOKENS)
-    choices = _choices(body, runtime, max_tokens, body.logprobs)
+    choices = _choices(body, n, max_tokens, body.logprobs)
     return await _answer(body, adapter, prompt_ids, choices, CompletionFormat, "cmpl", http_request, who)
 
 
@@ -138,17 +141,14 @@ async def completions(body: CompletionRequest, http_request: Request, who: Calle
 )
 async def chat_completions(body: ChatCompletionRequest, http_request: Request, who: Caller):
     runtime: Runtime = http_request.app.state.runtime
-    adapter = _adapter_of(body.model, runtime, who)
+    adapter, n = _adapter_of(body.model, runtime, who), _choice_count(body, runtime)
     check_text_fits(body.text_bytes(), runtime, "messages")
     prompt_ids = await run_in_threadpool(tokenize, runtime, None, [m.model_dump() for m in body.messages])
-    if body.max_completion_tokens is not None:
-        max_tokens = token_budget(
-            body.max_completion_tokens, len(prompt_ids), runtime.max_model_len, "max_completion_tokens"
-        )
-    else:
-        max_tokens = token_budget(body.max_tokens, len(prompt_ids), runtime.max_model_len)
+    # OpenAI renamed chat's max_tokens to max_completion_tokens; both are accepted (equal if both given).
+    param = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
+    max_tokens = token_budget(getattr(body, param), len(prompt_ids), runtime.max_model_len, param)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    choices = _choices(body, runtime, max_tokens, logprobs)
+    choices = _choices(body, n, max_tokens, logprobs)
     return await _answer(body, adapter, prompt_ids, choices, ChatFormat, "chatcmpl", http_request, who)
 
 
@@ -176,22 +176,18 @@ async def _answer(
     return JSONResponse(fmt.whole(outputs))
 
 
-def _sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
 async def _stream(fmt: AnswerFormat, events: AsyncIterator[tuple[int, TokenEvent]]) -> AsyncIterator[str]:
     for chunk in fmt.opening():
-        yield _sse(chunk)
+        yield sse_line(chunk)
     async with aclosing(events):  # leaving early (disconnect, a failed choice) aborts the unfinished
         async for index, event in events:
             if event.finish_reason == "error":  # the SDK raises an APIError for an `error` event
                 failed = GenerationFailed(event.error)
-                yield _sse(error_body(OPENAI_PREFIX, failed.status, failed.message, failed.error_type))
+                yield sse_line(error_body(OPENAI_PREFIX, failed.status, failed.message, failed.error_type))
                 return
             chunk = fmt.chunk(index, event)
             if chunk is not None:
-                yield _sse(chunk)
+                yield sse_line(chunk)
     if fmt.include_usage:
-        yield _sse(fmt.usage_chunk())
-    yield _sse("[DONE]")
+        yield sse_line(fmt.usage_chunk())
+    yield sse_line("[DONE]")

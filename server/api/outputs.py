@@ -9,6 +9,7 @@ engine frees their KV slots at its next step.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -133,6 +134,12 @@ async def follow(submitted: list[Submitted], runtime: Runtime) -> AsyncIterator[
             yield await merged.next()
     finally:
         merged.close()
+
+
+def sse_line(payload: dict | str) -> str:
+    """One Server-Sent Event: a JSON payload, or a bare word such as `[DONE]`."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
 
 
 def client_gone() -> JSONResponse:
