@@ -352,3 +352,28 @@ def test_refusals_before_routing_use_the_openai_shape_too(server):
     r = httpx.post(f"{url}/v1/completions", json={"model": base, "prompt": "x" * 5 * 2**20}, headers=auth)
     assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
     assert r.json()["error"]["code"] == "request_too_large"
+
+
+def test_a_choice_failing_mid_stream_ends_it_with_an_openai_error_event():
+    """What the SDK raises as an APIError: an `error` event in OpenAI's shape, and no [DONE]."""
+    import asyncio
+
+    from server.api.openai_format import ChatFormat
+    from server.api.openai_routes import _stream
+    from server.engine.request import GenerationError, TokenEvent
+
+    async def events():
+        yield 0, TokenEvent("r0", [5], "Hi")
+        yield 1, TokenEvent("r1", [6], "", "error", error=GenerationError("non_finite_output", "overflowed"))
+
+    async def lines() -> list[str]:
+        return [line async for line in _stream(ChatFormat("chatcmpl-1", "m", None, 2, False), events())]
+
+    sent = [json.loads(line.removeprefix("data: ")) for line in asyncio.run(lines())]
+    assert [c["choices"][0]["delta"] for c in sent[:3]] == [{"role": "assistant", "content": ""}] * 2 + [
+        {"content": "Hi"}
+    ]
+    assert sent[3] == {
+        "error": {"message": "overflowed", "type": "invalid_request_error", "param": None, "code": "non_finite_output"}
+    }
+    assert len(sent) == 4
