@@ -7,7 +7,8 @@ seconds around B's arrival, and their ratio (target: <= 4, i.e. B waits a few en
 A's queue to drain). Baseline in the same run: the same traffic with B's request sent as tenant A
 (one tenant: plain arrival order, what a server without tenants does).
 
-In process (the engine thread as the server runs it, no HTTP), default engine settings.
+In process (the engine thread as the server runs it, no HTTP), default engine settings but
+`--max-num-seqs 32`, so that the flood exceeds what runs at once.
 
 Usage: python benchmarks/fairness.py [--dtype auto] [--flood 64] [--tokens 96] [--repeats 3]
 """
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import print_table, report_idle  # noqa: E402
 from benchmarks.workload import prompts  # noqa: E402
-from server.config import ServerConfig  # noqa: E402
+from server.config import EngineConfig, ServerConfig  # noqa: E402
 from server.demo_model import DEMO_MODEL_DIR  # noqa: E402
 from server.engine.request import Request, SamplingParams  # noqa: E402
 from server.runtime import Runtime, build_runtime  # noqa: E402
@@ -55,7 +56,7 @@ def one_run(runtime: Runtime, flood: int, tokens: int, b_tenant: str) -> tuple[f
     preempted_before = runtime.metrics.preemptions._value.get()
     for i in range(flood):
         engine.submit(request(f"a{i}", "A", ids[i], tokens))
-    while sum(1 for rid in stamps if rid.startswith("a")) < min(flood, engine.scheduler.kv_slots.num_slots):
+    while sum(1 for rid in stamps if rid.startswith("a")) < min(flood, engine.scheduler.max_num_seqs):
         time.sleep(0.05)  # every KV slot runs one of A's streams
     time.sleep(1.0)
     b_sent = time.perf_counter()
@@ -84,11 +85,17 @@ def main() -> None:
     parser.add_argument("--flood", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-num-seqs", type=int, default=32, help="below the flood, so A's requests queue")
     args = parser.parse_args()
     report_idle()
-    runtime = build_runtime(ServerConfig(model=DEMO_MODEL_DIR, dtype=args.dtype, adapters_dir=Path(tempfile.mkdtemp())))
-    slots = runtime.engine.scheduler.kv_slots.num_slots
-    print(f"{runtime.dtype}, {slots} KV slots, flood of {args.flood} x {args.tokens} tokens, B asks for 8 tokens")
+    engine = EngineConfig(max_num_seqs=args.max_num_seqs)
+    runtime = build_runtime(
+        ServerConfig(model=DEMO_MODEL_DIR, dtype=args.dtype, adapters_dir=Path(tempfile.mkdtemp()), engine=engine)
+    )
+    print(
+        f"{runtime.dtype}, at most {args.max_num_seqs} sequences running, flood of {args.flood} x {args.tokens} "
+        "tokens, B asks for 8 tokens"
+    )
     cases = {"B as another tenant (fair)": "B", "B as tenant A (arrival order)": "A"}
     results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in cases}
     runtime.engine.start()

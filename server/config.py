@@ -19,12 +19,14 @@ ENV_PREFIX = "ADAPTER_SERVER_"
 class EngineConfig:
     max_model_len: int | None = None
     """Longest prompt + completion, in tokens. Default: the model's context, capped at 4096."""
-    max_num_seqs: int = 32
-    """Most sequences running at once (KV slots), further capped by kv_cache_gb."""
+    max_num_seqs: int = 128
+    """Most sequences running at once (each also needs KV blocks for its tokens)."""
     max_batched_tokens: int = 2048
     """Token budget of one engine step; longer prompts are prefilled in chunks of this size."""
     kv_cache_gb: float = 4.0
-    """Memory reserved for the KV cache (each slot holds max_model_len tokens)."""
+    """Memory for the KV cache: blocks of 16 token positions, taken as sequences grow."""
+    prefix_caching: bool = True
+    """Reuse the KV of prompt blocks computed before (same tenant, adapter version and prefix)."""
 
     def validate(self) -> None:
         if self.max_num_seqs < 1:
@@ -45,6 +47,8 @@ class AdapterConfig:
     """Largest adapter rank accepted at upload."""
     max_upload_mb: float = 256.0
     """Largest accepted upload body."""
+    max_full_finetune_mb: float = 65536.0
+    """Largest full fine-tune body (POST /adapters/full-finetune; streamed to disk, not held in memory)."""
     host_cache_gb: float = 4.0
     """Parsed adapters kept in host memory above the slots (re-read from disk when evicted)."""
     mode: str = "auto"
@@ -55,6 +59,8 @@ class AdapterConfig:
     def validate(self) -> None:
         if self.max_slots < 1 or self.max_rank < 1 or self.max_upload_mb <= 0 or self.host_cache_gb < 0:
             raise ValueError("adapter limits must be positive")
+        if self.max_full_finetune_mb <= 0:
+            raise ValueError("max_full_finetune_mb must be positive")
         if self.mode not in ("auto", "gathered", "merged"):
             raise ValueError(f"adapter mode must be auto, gathered or merged, not {self.mode!r}")
         if self.max_merge_wait_ms < 0:
@@ -91,8 +97,11 @@ class ServerConfig:
     """float32 | bfloat16 | auto (bfloat16 where the device has native bf16 matmuls, else float32)."""
     host: str = "127.0.0.1"
     port: int = 8000
-    adapters_dir: Path = CACHE_HOME / "adapters"
-    """Where uploaded adapters are stored (versioned, crash-safe)."""
+    adapters_dir: Path | str = CACHE_HOME / "adapters"
+    """Where uploaded adapters are stored (versioned, crash-safe): a directory, or an `s3://bucket/prefix`
+    URL shared by replicas (adapters_store/s3.py)."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint of an s3:// adapters_dir (default: AWS_ENDPOINT_URL(_S3), else AWS)."""
     threads: int = 0
     """torch intra-op threads; 0 = the cores available to this process."""
     log_level: str = "info"
@@ -152,8 +161,20 @@ def native_bf16(device: torch.device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def store_location(value: str) -> Path | str:
+    """An s3:// URL stays a string (a Path would fold its "//"); anything else is a directory."""
+    return value if value.startswith("s3://") else Path(value)
+
+
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+    return value in ("true", "1", "yes", "on")
 
 
 # One row per option: (flag, field path, type, help). The env var is ENV_PREFIX + FLAG_IN_CAPS.
@@ -163,7 +184,13 @@ _OPTIONS: list[tuple[str, str, type, str]] = [
     ("--dtype", "dtype", str, "float32 | bfloat16 | auto (bf16 only with native bf16 matmuls)"),
     ("--host", "host", str, "interface to listen on"),
     ("--port", "port", int, "TCP port"),
-    ("--adapters-dir", "adapters_dir", Path, "where uploaded adapters are stored"),
+    (
+        "--adapters-dir",
+        "adapters_dir",
+        store_location,
+        "where uploaded adapters are stored: a directory or s3://bucket/prefix",
+    ),
+    ("--s3-endpoint-url", "s3_endpoint_url", str, "S3-compatible endpoint of an s3:// adapters dir (default: AWS env)"),
     ("--threads", "threads", int, "torch intra-op threads, 0 = cores available to the process"),
     ("--log-level", "log_level", str, "debug | info | warning | error"),
     ("--max-request-mb", "max_request_mb", float, "largest request body (adapter uploads: --max-upload-mb)"),
@@ -188,12 +215,19 @@ _OPTIONS: list[tuple[str, str, type, str]] = [
         int,
         "longest prompt + completion in tokens (default: model context capped at 4096)",
     ),
-    ("--max-num-seqs", "engine.max_num_seqs", int, "most sequences running at once (KV slots)"),
+    ("--max-num-seqs", "engine.max_num_seqs", int, "most sequences running at once"),
     ("--max-batched-tokens", "engine.max_batched_tokens", int, "token budget of one engine step (prefill chunk)"),
-    ("--kv-cache-gb", "engine.kv_cache_gb", float, "memory reserved for the KV cache"),
+    ("--kv-cache-gb", "engine.kv_cache_gb", float, "memory for the KV cache (blocks of 16 positions)"),
+    (
+        "--prefix-caching",
+        "engine.prefix_caching",
+        _flag,
+        "reuse the KV of cached prompt blocks: true | false",
+    ),
     ("--max-slots", "adapters.max_slots", int, "adapters ready for the forward pass at once"),
     ("--max-lora-rank", "adapters.max_rank", int, "largest adapter rank accepted at upload"),
     ("--max-upload-mb", "adapters.max_upload_mb", float, "largest accepted adapter upload"),
+    ("--max-full-finetune-mb", "adapters.max_full_finetune_mb", float, "largest full fine-tune body (to disk)"),
     ("--host-cache-gb", "adapters.host_cache_gb", float, "parsed adapters kept in host memory"),
     ("--adapter-mode", "adapters.mode", str, "default adapter mode: auto | gathered | merged"),
     (

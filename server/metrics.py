@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from server.adapters.host_cache import TierCounts
+from server.engine.block_pool import PrefixCacheCounts
 from server.engine.phases import PhaseCounts
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -129,6 +130,10 @@ _TIER_COUNTERS = {
     "adapter_tier_loads": ("loads", "Adapter versions brought into the tier from the one below"),
     "adapter_tier_evictions": ("evictions", "Adapter versions pushed out of the tier to make room"),
 }
+_PREFIX_CACHE_COUNTERS = {
+    "prefix_cache_queried_tokens": ("queried_tokens", "Prompt tokens looked up in the prefix cache"),
+    "prefix_cache_hit_tokens": ("hit_tokens", "Prompt tokens found in the prefix cache (their prefill skipped)"),
+}
 _PHASE_COUNTERS = {
     "phase_merges": ("merges", "Adapters merged into the weights"),
     "phase_restores": ("restores", "Base weights restored"),
@@ -181,7 +186,7 @@ class Metrics:
         )
         self.queue_depth = Gauge("queue_depth", "Requests waiting for admission", registry=r)
         self.running_sequences = Gauge("running_sequences", "Sequences holding a KV slot", registry=r)
-        self.kv_cache_usage = Gauge("kv_cache_usage_ratio", "Fraction of KV cache slots in use", registry=r)
+        self.kv_cache_usage = Gauge("kv_cache_usage_ratio", "Fraction of KV cache blocks in use", registry=r)
         self.phase_merged = Gauge("phase_merged", "1 while an adapter is merged into the weights", registry=r)
         self.phase_seconds = Counter("phase_seconds", "Engine step time by phase", ["phase"], registry=r)
         self.step_seconds = Histogram(
@@ -199,6 +204,9 @@ class Metrics:
 
     def watch_tiers(self, tiers: dict[str, TierCounts]) -> None:
         self.registry.register(CountsCollector(_TIER_COUNTERS, tiers, label="tier"))
+
+    def watch_prefix_cache(self, counts: PrefixCacheCounts) -> None:
+        self.registry.register(CountsCollector(_PREFIX_CACHE_COUNTERS, {"": counts}, label=None))
 
     def watch_phases(self, counts: PhaseCounts) -> None:
         self.registry.register(CountsCollector(_PHASE_COUNTERS, {"": counts}, label=None))

@@ -18,9 +18,9 @@ from server.adapters.packing import base_model_spec
 from server.adapters.service import AdapterService
 from server.adapters.slot_table import SlotTable
 from server.config import ServerConfig, available_cores
+from server.engine.block_pool import BlockPool
 from server.engine.engine import Engine
-from server.engine.kv_cache import KVCache, bytes_per_slot
-from server.engine.kv_slots import KVSlotAllocator
+from server.engine.kv_cache import BLOCK_SIZE, KVCache, bytes_per_token
 from server.engine.phases import PhaseController, PhasePolicy
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
@@ -85,17 +85,17 @@ def build_runtime(config: ServerConfig) -> Runtime:
     started = time.perf_counter()
     model = load_model(config.model, dtype, max_len, device)
     tokenizer = TextTokenizer(config.model)
-    per_slot = bytes_per_slot(model_config, max_len, dtype)
-    num_slots = min(config.engine.max_num_seqs, int(config.engine.kv_cache_gb * 2**30) // per_slot)
-    if num_slots < 1:
+    per_block = bytes_per_token(model_config, dtype) * BLOCK_SIZE
+    num_blocks = int(config.engine.kv_cache_gb * 2**30) // per_block
+    if (num_blocks - 1) * BLOCK_SIZE < max_len:  # block 0 is the null block
         raise ModelLoadError(
-            f"kv_cache_gb={config.engine.kv_cache_gb} cannot hold one sequence of {max_len} "
-            f"tokens ({per_slot / 2**30:.2f} GiB); raise it or lower max_model_len"
+            f"kv_cache_gb={config.engine.kv_cache_gb} cannot hold one sequence of {max_len} tokens "
+            f"({max_len * per_block / BLOCK_SIZE / 2**30:.3f} GiB); raise it or lower max_model_len"
         )
-    kv_cache = KVCache.allocate(model_config, num_slots, max_len, dtype, device)
+    kv_cache = KVCache.allocate(model_config, num_blocks, dtype, device)
     metrics = Metrics()
     tenants = _tenant_policy(config)
-    gate = RequestGate(tenants, engine_capacity=num_slots, max_queued=config.max_queued)
+    gate = RequestGate(tenants, engine_capacity=config.engine.max_num_seqs, max_queued=config.max_queued)
     keys = _load_keys(config)
     adapter_cfg = config.adapters
     linears = model.adapted_linears()
@@ -103,7 +103,7 @@ def build_runtime(config: ServerConfig) -> Runtime:
     spec = base_model_spec(linears, base, adapter_cfg.max_rank, int(adapter_cfg.max_upload_mb * 2**20))
     cache = HostCache(int(adapter_cfg.host_cache_gb * 2**30))
     service = AdapterService(
-        TenantStores(config.adapters_dir),
+        _adapter_stores(config),
         AdapterRegistry(),
         cache,
         spec,
@@ -111,11 +111,22 @@ def build_runtime(config: ServerConfig) -> Runtime:
         limits=tenants.limits,
     )
     recovered = service.recover()
+    if getattr(service.stores, "shared", False):  # other replicas write there too: follow their changes
+        from server.scale.sync import RegistrySync
+
+        RegistrySync(service).start()
     table = SlotTable(adapter_cfg.max_slots)
     metrics.watch_tiers({"slot": table.counts, "host": cache.counts})
     scheduler = Scheduler(
-        KVSlotAllocator(num_slots), config.engine.max_batched_tokens, table, cache, running_cap=gate.running_cap
+        BlockPool(num_blocks, BLOCK_SIZE),
+        config.engine.max_num_seqs,
+        config.engine.max_batched_tokens,
+        table,
+        cache,
+        running_cap=gate.running_cap,
+        prefix_caching=config.engine.prefix_caching,
     )
+    metrics.watch_prefix_cache(scheduler.blocks.counts)
     eos = frozenset(model_config.eos_token_ids)
     kernel_backend = resolve_kernel_backend(device)
     manager = AdapterManager(
@@ -135,12 +146,15 @@ def build_runtime(config: ServerConfig) -> Runtime:
     metrics.watch_phases(phases.counts)
     engine = Engine(runner, scheduler, tokenizer, metrics, max_len, eos, phases)
     log.info(
-        "loaded %s (%s on %s) in %.1fs: %d KV slots x %d tokens, %d threads, %d adapters in %s, kernel backend %s",
+        "loaded %s (%s on %s) in %.1fs: KV cache of %d blocks x %d tokens, up to %d sequences of %d tokens, "
+        "%d threads, %d adapters in %s, kernel backend %s",
         config.model,
         dtype,
         device,
         time.perf_counter() - started,
-        num_slots,
+        num_blocks - 1,
+        BLOCK_SIZE,
+        config.engine.max_num_seqs,
         max_len,
         torch.get_num_threads(),
         recovered,
@@ -152,6 +166,16 @@ def build_runtime(config: ServerConfig) -> Runtime:
     else:
         log.info("%d API keys loaded from %s", len(keys), config.api_keys)
     return Runtime(config, model, tokenizer, engine, metrics, service, max_len, dtype, device, gate, keys)
+
+
+def _adapter_stores(config: ServerConfig):
+    """The adapter store: a local directory, or an s3:// URL shared by replicas (boto3 is imported
+    only then)."""
+    if str(config.adapters_dir).startswith("s3://"):
+        from adapters_store.s3 import S3TenantStores
+
+        return S3TenantStores(str(config.adapters_dir), config.s3_endpoint_url)
+    return TenantStores(config.adapters_dir)
 
 
 def _tenant_policy(config: ServerConfig) -> TenantPolicy:

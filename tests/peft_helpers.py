@@ -13,7 +13,7 @@ from server.adapters.frozen_base import FrozenBase
 from server.adapters.host_cache import HostCache
 from server.adapters.manager import AdapterManager
 from server.adapters.slot_table import SlotTable
-from server.model.context import ForwardContext, PrefillSegment
+from server.model.context import ForwardContext
 from server.model.llama import LlamaModel
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -93,7 +93,7 @@ def our_logits(model: LlamaModel, ids: torch.Tensor, parsed=None) -> torch.Tenso
     """Prefill logits [n, vocab] of our decoder, with one adapter applied to every token."""
     cfg = model.config
     n = len(ids)
-    keys = [torch.zeros(1, cfg.num_kv_heads, n, cfg.head_dim) for _ in range(cfg.num_layers)]
+    keys = [torch.zeros(n, cfg.num_kv_heads, cfg.head_dim) for _ in range(cfg.num_layers)]
     values = [torch.zeros_like(k) for k in keys]
     adapters = None
     if parsed is not None:  # through the same slot loading and per-step planning the engine uses
@@ -105,16 +105,5 @@ def our_logits(model: LlamaModel, ids: torch.Tensor, parsed=None) -> torch.Tenso
         manager = AdapterManager(table, cache, linears, FrozenBase.capture(linears), torch.float32)
         manager.load_pending()
         adapters = manager.plan([TokenGroup(0, 0, n)], n)
-    ctx = ForwardContext(
-        input_ids=ids,
-        positions=torch.arange(n),
-        kv_slots=torch.zeros(n, dtype=torch.long),
-        num_decode=0,
-        decode_slots=slice(0, 0),
-        decode_mask=None,
-        decode_attn_order=None,
-        prefills=[PrefillSegment(0, n, 0, 0)],
-        logits_rows=torch.arange(n),
-        adapters=adapters,
-    )
+    ctx = ForwardContext.prefills_only([ids], adapters)
     return model(ctx, keys, values)

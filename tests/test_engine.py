@@ -124,7 +124,7 @@ def test_max_tokens_gives_length(demo_runtime):
     assert sink.events[-1].completion_tokens == 5
 
 
-def test_abort_frees_the_kv_slot(demo_runtime):
+def test_abort_frees_the_kv_blocks(demo_runtime):
     engine = demo_runtime.engine
     request, sink = make_request(
         "abort-me", _chat_ids(demo_runtime, "Count to one hundred."), max_tokens=200, ignore_eos=True
@@ -132,16 +132,16 @@ def test_abort_frees_the_kv_slot(demo_runtime):
     engine.admit(request)
     for _ in range(3):
         engine.step()
-    assert engine.scheduler.kv_slots.num_used == 1
+    assert engine.scheduler.blocks.num_used > 0
     engine.abort("abort-me")
     engine._drain_inbox(block=False)
-    assert engine.scheduler.kv_slots.num_used == 0
+    assert engine.scheduler.blocks.num_used == 0
     assert not engine.scheduler.has_work()
     assert sink.finish_reason == "abort"
 
 
-def test_full_kv_cache_makes_requests_wait_not_fail(demo_runtime):
-    slots = demo_runtime.engine.scheduler.kv_slots.num_slots
+def test_a_full_engine_makes_requests_wait_not_fail(demo_runtime):
+    slots = demo_runtime.engine.scheduler.max_num_seqs
     requests = [
         make_request(f"w{i}", _chat_ids(demo_runtime, f"Say {i}"), max_tokens=4, ignore_eos=True)
         for i in range(slots + 3)
@@ -150,7 +150,7 @@ def test_full_kv_cache_makes_requests_wait_not_fail(demo_runtime):
     for request, _ in requests:
         engine.admit(request)
     engine.step()
-    assert engine.scheduler.kv_slots.num_free == 0
+    assert len(engine.scheduler.running) == slots
     assert len(engine.scheduler.waiting) == 3
     drive(demo_runtime, {})
     assert all(sink.finish_reason == "length" and len(sink.token_ids) == 4 for _, sink in requests)

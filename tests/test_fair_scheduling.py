@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from server.adapters.slot_table import SlotTable
 from server.config import EngineConfig, ServerConfig
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.kv_slots import KVSlotAllocator
 from server.engine.request import Request, SamplingParams
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
 from server.runtime import build_runtime
 from tests.conftest import drive, make_request
-from tests.test_scheduler import CharDecoder, _AllResident
+from tests.test_scheduler import CharDecoder, scheduler_for
 
 
 def _seq(rid: str, tenant: str, prompt_len: int = 3, max_tokens: int = 8) -> Sequence:
@@ -24,8 +22,8 @@ def _seq(rid: str, tenant: str, prompt_len: int = 3, max_tokens: int = 8) -> Seq
     return Sequence(request, list(request.prompt_ids), IncrementalDetokenizer(CharDecoder(), ()), frozenset(), 64)
 
 
-def _scheduler(kv_slots: int, running_cap=None) -> Scheduler:
-    return Scheduler(KVSlotAllocator(kv_slots), 100, SlotTable(2), _AllResident(), running_cap=running_cap)
+def _scheduler(seqs: int, running_cap=None) -> Scheduler:
+    return scheduler_for(max_num_seqs=seqs, max_batched_tokens=100, running_cap=running_cap)
 
 
 def _run_step(scheduler: Scheduler) -> list[str]:
@@ -37,7 +35,7 @@ def _run_step(scheduler: Scheduler) -> list[str]:
 
 
 def test_admission_alternates_tenants_whatever_the_arrival_order():
-    scheduler = _scheduler(kv_slots=1)
+    scheduler = _scheduler(seqs=1)
     for i in range(4):
         scheduler.add(_seq(f"a{i}", "acme", max_tokens=1))
     scheduler.add(_seq("b0", "globex", max_tokens=1))
@@ -47,23 +45,23 @@ def test_admission_alternates_tenants_whatever_the_arrival_order():
 
 
 def test_one_tenant_alone_keeps_arrival_order():
-    scheduler = _scheduler(kv_slots=1)
+    scheduler = _scheduler(seqs=1)
     for i in range(3):
         scheduler.add(_seq(f"a{i}", "acme", max_tokens=1))
     assert [rid for _ in range(3) for rid in _run_step(scheduler)] == ["a0", "a1", "a2"]
 
 
 def test_running_cap_holds_a_tenant_back_while_slots_are_free():
-    scheduler = _scheduler(kv_slots=4, running_cap=lambda tenant: 2 if tenant == "acme" else 4)
+    scheduler = _scheduler(seqs=4, running_cap=lambda tenant: 2 if tenant == "acme" else 4)
     for i in range(3):
         scheduler.add(_seq(f"a{i}", "acme"))
     scheduler.add(_seq("b0", "globex"))
     assert sorted(_run_step(scheduler)) == ["a0", "a1", "b0"]
-    assert scheduler.kv_slots.num_free == 1 and len(scheduler.waiting) == 1
+    assert len(scheduler.running) == 3 and len(scheduler.waiting) == 1
 
 
 def test_a_flood_gives_up_its_youngest_slot_to_a_starved_tenant():
-    scheduler = _scheduler(kv_slots=4)
+    scheduler = _scheduler(seqs=4)
     for i in range(8):
         scheduler.add(_seq(f"a{i}", "acme", max_tokens=50))
     _run_step(scheduler)
@@ -73,8 +71,7 @@ def test_a_flood_gives_up_its_youngest_slot_to_a_starved_tenant():
     assert [s.request_id for s in batch.preempted] == ["a3"]  # the youngest, least work lost
     assert [s.request_id for s, _ in batch.prefills] == ["b0"]
     a3 = batch.preempted[0]
-    assert a3.kv_slot is None and a3.in_prefill and a3.prefill_end == len(a3.token_ids) == 3 + 2
-    assert scheduler.take_released_kv() == [3]  # its KV is wiped before b0 writes there
+    assert a3.block_table == [] and a3.in_prefill and a3.prefill_end == len(a3.token_ids) == 3 + 2
     assert next(iter(scheduler.waiting)) is a3  # first of acme's queue again
     scheduler.postprocess(batch, [65] * len(batch.sampled()))
     # acme (3 running, fair share 2 of 4 slots) is over its share but globex wants no more: no thrash
@@ -82,7 +79,7 @@ def test_a_flood_gives_up_its_youngest_slot_to_a_starved_tenant():
 
 
 def test_no_preemption_within_fair_share():
-    scheduler = _scheduler(kv_slots=4)
+    scheduler = _scheduler(seqs=4)
     for i in range(2):
         scheduler.add(_seq(f"a{i}", "acme", max_tokens=50))
         scheduler.add(_seq(f"b{i}", "globex", max_tokens=50))

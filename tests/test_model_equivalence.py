@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from server.model.context import ForwardContext, PrefillSegment
+from server.model.context import ForwardContext
 from server.model.loader import load_model
 from tests.conftest import build_tiny_llama
 
@@ -15,19 +15,9 @@ from tests.conftest import build_tiny_llama
 def _prefill_logits(model, ids: torch.Tensor) -> torch.Tensor:
     cfg = model.config
     n = len(ids)
-    keys = [torch.zeros(1, cfg.num_kv_heads, n, cfg.head_dim) for _ in range(cfg.num_layers)]
+    keys = [torch.zeros(n, cfg.num_kv_heads, cfg.head_dim) for _ in range(cfg.num_layers)]
     values = [torch.zeros_like(k) for k in keys]
-    ctx = ForwardContext(
-        input_ids=ids,
-        positions=torch.arange(n),
-        kv_slots=torch.zeros(n, dtype=torch.long),
-        num_decode=0,
-        decode_slots=slice(0, 0),
-        decode_mask=None,
-        decode_attn_order=None,
-        prefills=[PrefillSegment(0, n, 0, 0)],
-        logits_rows=torch.arange(n),
-    )
+    ctx = ForwardContext.prefills_only([ids])
     return model(ctx, keys, values)
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from server.adapters.slot_table import SlotTable
+from server.engine.block_pool import BlockPool
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.kv_slots import KVSlotAllocator
 from server.engine.request import Request, SamplingParams
 from server.engine.sampler import _filter_top_k_top_p
 from server.engine.scheduler import Scheduler
@@ -46,18 +45,14 @@ class _AllResident:
         return None
 
 
-def test_slot_allocator_hands_out_lowest_free_slot():
-    slots = KVSlotAllocator(3)
-    assert [slots.allocate() for _ in range(3)] == [0, 1, 2]
-    assert slots.allocate() is None
-    slots.free(1)
-    assert slots.allocate() == 1
-    with pytest.raises(ValueError):
-        slots.free(7)
+def scheduler_for(max_num_seqs: int, max_batched_tokens: int, num_blocks: int = 64, **kwargs) -> Scheduler:
+    """A scheduler over a pool of 4-position blocks whose adapters are all resident."""
+    blocks = BlockPool(num_blocks, block_size=4)
+    return Scheduler(blocks, max_num_seqs, max_batched_tokens, SlotTable(2), _AllResident(), **kwargs)
 
 
 def test_scheduler_admits_under_token_budget_and_chunks_long_prompts():
-    scheduler = Scheduler(KVSlotAllocator(4), max_batched_tokens=10, adapter_slots=SlotTable(2), host=_AllResident())
+    scheduler = scheduler_for(max_num_seqs=4, max_batched_tokens=10)
     long, short = _seq("long", 25), _seq("short", 3)
     scheduler.add(long)
     scheduler.add(short)
@@ -76,8 +71,8 @@ def test_scheduler_admits_under_token_budget_and_chunks_long_prompts():
     assert batch.decodes == [long, short] and not batch.prefills
 
 
-def test_scheduler_waits_when_slots_are_full_and_frees_on_finish():
-    scheduler = Scheduler(KVSlotAllocator(1), max_batched_tokens=100, adapter_slots=SlotTable(2), host=_AllResident())
+def test_scheduler_waits_when_full_and_frees_on_finish():
+    scheduler = scheduler_for(max_num_seqs=1, max_batched_tokens=100)
     first, second = _seq("a", 2, max_tokens=1), _seq("b", 2)
     scheduler.add(first)
     scheduler.add(second)
@@ -85,18 +80,18 @@ def test_scheduler_waits_when_slots_are_full_and_frees_on_finish():
     assert [s.request_id for s, _ in batch.prefills] == ["a"]
     finished = scheduler.postprocess(batch, [70])
     assert finished == [first] and first.finish_reason == "length"
-    assert scheduler.kv_slots.num_free == 1
+    assert scheduler.blocks.num_used == 0
     assert [s.request_id for s, _ in scheduler.schedule().prefills] == ["b"]
 
 
 def test_abort_releases_waiting_and_running():
-    scheduler = Scheduler(KVSlotAllocator(1), max_batched_tokens=100, adapter_slots=SlotTable(2), host=_AllResident())
+    scheduler = scheduler_for(max_num_seqs=1, max_batched_tokens=100)
     a, b = _seq("a", 2), _seq("b", 2)
     scheduler.add(a)
     scheduler.add(b)
     scheduler.postprocess(scheduler.schedule(), [70])
     assert scheduler.abort("b") is b and b.finish_reason == "abort"
-    assert scheduler.abort("a") is a and scheduler.kv_slots.num_free == 1
+    assert scheduler.abort("a") is a and scheduler.blocks.num_used == 0
     assert scheduler.abort("missing") is None
     assert not scheduler.has_work()
 

@@ -51,8 +51,8 @@ class EngineStatus:
     phase: str
     running: int
     waiting: int
-    kv_slots: int
-    kv_slots_used: int
+    kv_blocks: int
+    kv_blocks_used: int
     kernel_backend: str
 
 
@@ -104,14 +104,14 @@ class Engine:
 
     def status(self) -> EngineStatus:
         """A snapshot for /health (plain reads of engine-thread state; good enough for a report)."""
-        kv = self.scheduler.kv_slots
+        blocks = self.scheduler.blocks
         return EngineStatus(
             alive=self.alive,
             phase=self.phases.current.name,
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
-            kv_slots=kv.num_slots,
-            kv_slots_used=kv.num_used,
+            kv_blocks=blocks.num_blocks - 1,
+            kv_blocks_used=blocks.num_used,
             kernel_backend=self.runner.adapters.backend,
         )
 
@@ -160,7 +160,7 @@ class Engine:
             return bool(batch.failed)
         sampled = batch.sampled()
         try:
-            self.runner.wipe_kv(self.scheduler.take_released_kv())
+            self.runner.zero_blocks(self.scheduler.blocks.take_to_zero())
             logits = self.runner.run(batch)
             tokens, logprobs = self.sampler.sample(logits, [(s.request_id, s.request.params) for s in sampled])
         except Exception as exc:  # a failing step must not take the server down with it
@@ -253,12 +253,12 @@ class Engine:
     def observe(self, step: StepReport | None = None) -> None:
         """Everything /metrics learns from the engine, in one call per step (and after the inbox)."""
         finished, self._finished = self._finished, []
-        kv = self.scheduler.kv_slots
+        blocks = self.scheduler.blocks
         self.metrics.observe(
             step=step,
             finished=finished,
             waiting=len(self.scheduler.waiting),
             running=len(self.scheduler.running),
-            kv_used_ratio=kv.num_used / kv.num_slots,
+            kv_used_ratio=blocks.num_used / (blocks.num_blocks - 1),
             phase=self.phases.current.name,
         )

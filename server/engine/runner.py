@@ -1,8 +1,8 @@
 """Turns a scheduled batch into tensors, runs the model, and returns the logits to sample from.
 
 Row layout of the packed batch: decode tokens first, grouped by adapter slot so each adapter's
-tokens are one contiguous row range, then prefill segments (each contiguous already). Decode
-attention wants rows in KV-slot order instead; the context carries that permutation.
+tokens are one contiguous row range, then prefill segments (each contiguous already). KV is
+addressed through each sequence's block table (cache row = block * block_size + offset).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from kernels.batch import TokenGroup
 from server.adapters.manager import AdapterManager
+from server.engine.block_pool import NULL_BLOCK
 from server.engine.kv_cache import KVCache
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
@@ -50,64 +51,70 @@ class ModelRunner:
             for s in batch.decodes + [s for s, _ in batch.prefills]
         }
         order = self.adapters.order_key
-        decodes = sorted(batch.decodes, key=lambda s: (order(slot_of[id(s)]), s.kv_slot))
+        decodes = sorted(batch.decodes, key=lambda s: order(slot_of[id(s)]))
+        size = self.kv_cache.block_size
         ids: list[int] = []
         positions: list[int] = []
-        kv_slots: list[int] = []
+        write_rows: list[int] = []
         groups: list[TokenGroup] = []
         row_of: dict[int, int] = {}  # sequence -> row whose logits it samples from
         for row, seq in enumerate(decodes):
-            ids.append(seq.token_ids[seq.num_computed])
-            positions.append(seq.num_computed)
-            kv_slots.append(seq.kv_slot)
-            self.kv_cache.note_written(seq.kv_slot, seq.num_computed + 1)
+            pos = seq.num_computed
+            ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            write_rows.append(seq.block_table[pos // size] * size + pos % size)
             row_of[id(seq)] = row
             _add_group(groups, slot_of[id(seq)], row, row + 1)
         prefills: list[PrefillSegment] = []
         for seq, n in batch.prefills:
             start, first_row = seq.num_computed, len(ids)
-            prefills.append(PrefillSegment(first_row, n, seq.kv_slot, start))
+            rows = self._rows(seq.block_table, start + n)
+            prefills.append(PrefillSegment(first_row, n, start, rows))
             ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
-            kv_slots.extend([seq.kv_slot] * n)
-            self.kv_cache.note_written(seq.kv_slot, start + n)
+            write_rows.extend(rows[start:].tolist())
             row_of[id(seq)] = first_row + n - 1
             _add_group(groups, slot_of[id(seq)], first_row, first_row + n)
-        decode_slots, decode_mask, attn_order = self._decode_layout(decodes)
+        decode_rows, decode_mask = self._decode_layout(decodes)
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         return ForwardContext(
             input_ids=as_tensor(ids),
             positions=as_tensor(positions),
-            kv_slots=as_tensor(kv_slots),
+            write_rows=as_tensor(write_rows),
             num_decode=len(decodes),
-            decode_slots=decode_slots,
+            decode_rows=decode_rows,
             decode_mask=decode_mask,
-            decode_attn_order=attn_order,
             prefills=prefills,
             logits_rows=as_tensor([row_of[id(s)] for s in batch.sampled()]),
             adapters=self.adapters.plan(groups, len(ids), decode_only=not prefills),
         )
 
-    def _decode_layout(
-        self, decodes: list[Sequence]
-    ) -> tuple[torch.Tensor | slice, torch.Tensor | None, torch.Tensor | None]:
-        """KV slots of the decode rows in KV-slot order (a slice when contiguous), their key mask,
-        and the row permutation into that order (None when rows already are in it)."""
-        if not decodes:
-            return slice(0, 0), None, None
-        order = sorted(range(len(decodes)), key=lambda i: decodes[i].kv_slot)
-        slot_ids = [decodes[i].kv_slot for i in order]
-        device = self.device
-        lengths = [decodes[i].num_computed + 1 for i in order]
-        contiguous = slot_ids == list(range(slot_ids[0], slot_ids[0] + len(slot_ids)))
-        slots = slice(slot_ids[0], slot_ids[-1] + 1) if contiguous else torch.tensor(slot_ids, device=device)
-        mask = torch.arange(max(lengths), device=device) < torch.tensor(lengths, device=device).unsqueeze(1)  # [B, L]
-        attn_order = None if order == list(range(len(order))) else torch.tensor(order, device=device)
-        return slots, mask[:, None, None, :], attn_order
+    def _rows(self, block_table: list[int], length: int) -> torch.Tensor:
+        """Cache rows of positions [0, length) of a sequence."""
+        size = self.kv_cache.block_size
+        blocks = torch.tensor(block_table[: -(-length // size)], dtype=torch.long)
+        return (blocks[:, None] * size + torch.arange(size)).flatten()[:length].to(self.device)
 
-    def wipe_kv(self, kv_slots: list[int]) -> None:
-        """Erase what finished sequences left in these KV slots before anyone else can read them."""
-        self.kv_cache.wipe(kv_slots)
+    def _decode_layout(self, decodes: list[Sequence]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Cache rows each decode row reads [B, L] (padded with the null block's rows) and the mask
+        of its real positions [B, 1, 1, L]."""
+        if not decodes:
+            return None, None
+        size = self.kv_cache.block_size
+        lengths = torch.tensor([s.num_computed + 1 for s in decodes])
+        width = -(-int(lengths.max()) // size)
+        tables = torch.full((len(decodes), width), NULL_BLOCK, dtype=torch.long)
+        for i, seq in enumerate(decodes):
+            used = seq.block_table[:width]
+            tables[i, : len(used)] = torch.tensor(used, dtype=torch.long)
+        max_len = int(lengths.max())
+        rows = (tables[:, :, None] * size + torch.arange(size)).flatten(1)[:, :max_len]
+        mask = torch.arange(max_len) < lengths[:, None]  # [B, L]
+        return rows.to(self.device), mask[:, None, None, :].to(self.device)
+
+    def zero_blocks(self, blocks: list[int]) -> None:
+        """Erase what earlier sequences left in these blocks before their new owners write them."""
+        self.kv_cache.zero_blocks(blocks)
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [len(batch.sampled()), vocab] float32, on the CPU: sampling uses per-request CPU

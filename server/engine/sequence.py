@@ -1,4 +1,4 @@
-"""A request's life inside the engine: tokens, KV slot, progress, and when it is done."""
+"""A request's life inside the engine: tokens, KV blocks, progress, and when it is done."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ class Sequence:
     eos_token_ids: frozenset[int]
     max_len: int  # the model context this sequence may fill
     num_computed: int = 0  # tokens whose K/V are already in the cache
-    kv_slot: int | None = None
+    block_table: list[int] = field(default_factory=list)  # its KV blocks, in position order
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, in order (prefix cache)
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     error: GenerationError | None = None  # why, when finish_reason is "error"
@@ -72,11 +73,12 @@ class Sequence:
         return self.num_computed < self.prefill_end
 
     def preempt(self) -> None:
-        """Give up the KV slot; resume later by recomputing every token so far (then sampling the
-        next one, exactly where decoding stopped)."""
+        """Give up the KV blocks (the caller returns them); resume later by recomputing every token so
+        far (then sampling the next one, exactly where decoding stopped)."""
         self.num_computed = 0
         self.prefill_end = len(self.token_ids)
-        self.kv_slot = None
+        self.block_table = []
+        self.block_hashes = []
         self.status = SeqStatus.WAITING
         self.preemptions += 1
 

@@ -1,4 +1,9 @@
-"""Everything one forward pass needs to know about the batch, built once per step by the runner."""
+"""Everything one forward pass needs to know about the batch, built once per step by the runner.
+
+KV addressing is by *cache row* (block * block_size + offset, see server/engine/kv_cache.py): each
+new token is written at its row, and attention reads a sequence's positions 0..n-1 at the rows its
+block table gives them.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +20,8 @@ class PrefillSegment:
 
     token_start: int  # first row of this segment in the packed token batch
     num_tokens: int
-    kv_slot: int  # the sequence's KV cache slot
-    start_pos: int  # position of the first token (> 0 for later chunks of a long prompt)
+    start_pos: int  # position of the first token (> 0 for later chunks, or after a cached prefix)
+    kv_rows: torch.Tensor  # [start_pos + num_tokens] cache rows of the sequence's positions 0..
 
 
 @dataclass(slots=True)
@@ -26,13 +31,35 @@ class ForwardContext:
 
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
-    kv_slots: torch.Tensor  # [T] int64, KV slot of each token's sequence
+    write_rows: torch.Tensor  # [T] int64, the cache row each new token's K/V goes to
     num_decode: int  # the first num_decode rows are single-token decodes
-    decode_slots: torch.Tensor | slice  # KV slots of the decode rows; a slice when they are contiguous
-    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_ctx] bool, in KV-slot order
-    decode_attn_order: torch.Tensor | None  # decode rows in KV-slot order; None = already in it
+    decode_rows: torch.Tensor | None  # [num_decode, L] cache rows each decode reads (padded: null block)
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, L] bool, True where a position is the sequence's
     prefills: list[PrefillSegment]
     logits_rows: torch.Tensor  # [S] rows whose next-token logits are needed
     cos: torch.Tensor | None = None  # [T, 1, head_dim], filled by the model from its RoPE tables
     sin: torch.Tensor | None = None
     adapters: AdapterDelta | None = None
+
+    @classmethod
+    def prefills_only(
+        cls, prompts: list[torch.Tensor], adapters: AdapterDelta | None = None, all_logits: bool = True
+    ) -> ForwardContext:
+        """Whole prompts prefilled at once into a scratch cache of sum(len) rows (prompt i at the rows
+        after prompt i-1's): for exact one-off forwards outside the engine (tests, conversion)."""
+        segments, start = [], 0
+        for prompt in prompts:
+            segments.append(PrefillSegment(start, len(prompt), 0, torch.arange(start, start + len(prompt))))
+            start += len(prompt)
+        ends = torch.tensor([s.token_start + s.num_tokens - 1 for s in segments])
+        return cls(
+            input_ids=torch.cat(prompts),
+            positions=torch.cat([torch.arange(len(p)) for p in prompts]),
+            write_rows=torch.arange(start),
+            num_decode=0,
+            decode_rows=None,
+            decode_mask=None,
+            prefills=segments,
+            logits_rows=torch.arange(start) if all_logits else ends,
+            adapters=adapters,
+        )

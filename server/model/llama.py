@@ -54,20 +54,16 @@ class Attention(nn.Module):
         q = apply_rope(q.view(num_tokens, self.num_heads, self.head_dim), ctx.cos, ctx.sin)
         k = apply_rope(k.view(num_tokens, self.num_kv_heads, self.head_dim), ctx.cos, ctx.sin)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        # Cache layout [slots, KVH, max_len, D]; one scatter writes every new token of the step.
-        k_cache[ctx.kv_slots, :, ctx.positions] = k
-        v_cache[ctx.kv_slots, :, ctx.positions] = v
+        # Cache layout [rows, KVH, D]; one scatter writes every new token of the step.
+        k_cache[ctx.write_rows] = k
+        v_cache[ctx.write_rows] = v
 
         out = torch.empty_like(q)  # [T, H, D]
         if ctx.num_decode:
-            order = ctx.decode_attn_order
-            if order is None:
-                out[: ctx.num_decode] = self._decode(q[: ctx.num_decode], ctx, k_cache, v_cache)
-            else:  # rows are grouped by adapter; attention reads the cache in KV-slot order
-                out[order] = self._decode(q[order], ctx, k_cache, v_cache)
+            out[: ctx.num_decode] = self._decode(q[: ctx.num_decode], ctx, k_cache, v_cache)
         for seg in ctx.prefills:
             rows = slice(seg.token_start, seg.token_start + seg.num_tokens)
-            out[rows] = self._prefill(q[rows], seg.kv_slot, seg.start_pos, k_cache, v_cache)
+            out[rows] = self._prefill(q[rows], seg.start_pos, seg.kv_rows, k_cache, v_cache)
         return self.o_proj(out.view(num_tokens, -1), ctx.adapters)
 
     def _decode(
@@ -75,20 +71,19 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """One query per sequence; the query heads sharing a KV head ride in its query dimension."""
         batch = q.shape[0]
-        max_ctx = ctx.decode_mask.shape[-1]
-        keys = k_cache[ctx.decode_slots, :, :max_ctx]  # [B, KVH, L, D] (a view when contiguous)
-        values = v_cache[ctx.decode_slots, :, :max_ctx]
+        keys = k_cache[ctx.decode_rows].transpose(1, 2)  # [B, KVH, L, D], gathered through the block tables
+        values = v_cache[ctx.decode_rows].transpose(1, 2)
         group = self.num_heads // self.num_kv_heads
         q = q.view(batch, self.num_kv_heads, group, self.head_dim)  # [B, KVH, G, D]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.decode_mask, scale=self.scale)
         return out.reshape(batch, self.num_heads, self.head_dim)
 
     def _prefill(
-        self, q: torch.Tensor, slot: int, start: int, k_cache: torch.Tensor, v_cache: torch.Tensor
+        self, q: torch.Tensor, start: int, kv_rows: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     ) -> torch.Tensor:
         n = q.shape[0]
-        keys = k_cache[slot, :, : start + n].unsqueeze(0)  # [1, KVH, L, D]
-        values = v_cache[slot, :, : start + n].unsqueeze(0)
+        keys = k_cache[kv_rows].transpose(0, 1).unsqueeze(0)  # [1, KVH, L, D]
+        values = v_cache[kv_rows].transpose(0, 1).unsqueeze(0)
         q = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         if start == 0:
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale, enable_gqa=True)

@@ -95,7 +95,7 @@ def _forward(model, ids: torch.Tensor, manager, groups: list, decode_only: bool 
     adapter math does not depend on how attention sees the rows, so one prefill segment carries them;
     `decode_only` only picks the per-token kernel form."""
     from kernels.batch import TokenGroup
-    from server.model.context import ForwardContext, PrefillSegment
+    from server.model.context import ForwardContext
 
     table = manager.table
     plan = manager.plan(
@@ -104,20 +104,9 @@ def _forward(model, ids: torch.Tensor, manager, groups: list, decode_only: bool 
         decode_only,
     )
     cfg, n = model.config, len(ids)
-    keys = [torch.zeros(1, cfg.num_kv_heads, n, cfg.head_dim) for _ in range(cfg.num_layers)]
+    keys = [torch.zeros(n, cfg.num_kv_heads, cfg.head_dim) for _ in range(cfg.num_layers)]
     values = [torch.zeros_like(k) for k in keys]
-    ctx = ForwardContext(
-        input_ids=ids,
-        positions=torch.arange(n),
-        kv_slots=torch.zeros(n, dtype=torch.long),
-        num_decode=0,
-        decode_slots=slice(0, 0),
-        decode_mask=None,
-        decode_attn_order=None,
-        prefills=[PrefillSegment(0, n, 0, 0)],
-        logits_rows=torch.arange(n),
-        adapters=plan,
-    )
+    ctx = ForwardContext.prefills_only([ids], plan)
     with torch.no_grad():
         return model(ctx, keys, values)
 
