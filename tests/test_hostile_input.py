@@ -162,7 +162,18 @@ async def test_server_still_serves_after_the_table(client):
 
 def test_openapi_lists_every_status_the_routes_return(app):
     paths = app.openapi()["paths"]
-    assert set(paths["/generate"]["post"]["responses"]) >= {"200", "400", "403", "404", "413", "422", "500"}
-    assert set(paths["/adapters"]["post"]["responses"]) >= {"201", "400", "403", "413", "422", "500"}
-    assert set(paths["/adapters/{adapter_id}"]["delete"]["responses"]) >= {"204", "403", "404"}
-    assert set(paths["/adapters/{adapter_id}"]["get"]["responses"]) >= {"200", "404"}
+    assert set(paths["/generate"]["post"]["responses"]) >= {
+        "200",
+        "400",
+        "401",
+        "403",
+        "404",
+        "413",
+        "422",
+        "429",
+        "500",
+    }
+    assert set(paths["/adapters"]["post"]["responses"]) >= {"201", "400", "401", "403", "413", "422", "429", "500"}
+    assert set(paths["/adapters/{name}"]["delete"]["responses"]) >= {"204", "401", "403", "404"}
+    assert set(paths["/adapters/{name}"]["get"]["responses"]) >= {"200", "401", "404"}
+    assert set(paths["/adapters/{name}"]["patch"]["responses"]) >= {"200", "401", "403", "404"}
