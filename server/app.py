@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store import AdapterError
-from server.api import adapters, generate, openai_routes, ops
+from server.api import adapters, convert, generate, openai_routes, ops
 from server.api.envelope import error_response, is_openai, validation_details
 from server.api.guards import MUTATING_METHODS, BodyLimit, CrossSiteWriteGuard, RequestTooLarge
 from server.api.schemas import UNDECODABLE_TEXT
@@ -51,12 +51,16 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(adapters.router)
     app.include_router(ops.router)
     app.include_router(openai_routes.router)
+    app.include_router(convert.router)
 
     config = runtime.config
     upload_cap = int(config.adapters.max_upload_mb * 2**20)
     request_cap = int(config.max_request_mb * 2**20)
+    full_finetune_cap = int(config.adapters.max_full_finetune_mb * 2**20)
 
     def body_limit(method: str, path: str) -> int:
+        if method in MUTATING_METHODS and path.rstrip("/") == convert.FULL_FINETUNE_PATH:
+            return full_finetune_cap
         return upload_cap if method in MUTATING_METHODS and path.rstrip("/") == "/adapters" else request_cap
 
     # Added innermost first: CORS answers preflights, the guard refuses cross-site writes, and the

@@ -208,3 +208,33 @@ def test_combinations_equal_peft_merge_functions(method, sign):
     assert torch.allclose(ours.float(), theirs, rtol=1e-5, atol=1e-6)
     if method != "linear":  # and the pruning did something
         assert not torch.allclose(ours, sum(wi * d.double() for wi, d in zip(weights, deltas)))
+
+
+def test_one_pass_and_two_passes_give_the_same_adapter():
+    """Budget targets keep the first pass's singular vectors when they fit in keep_vectors_mb, else
+    decompose again: the same ranks and factors either way (exact and randomized layers)."""
+    updates = {
+        "small": dense("small", planted(40, 30, [float(0.7**i) for i in range(30)], seed=2)[0]),
+        "big": dense("big", planted(200, 180, [float(0.9**i) for i in range(150)], seed=3)[0]),
+    }
+    for target in (Target(energy=0.95), Target(max_relative_error=0.2, scope="layer")):
+        runs = [
+            truncate(Source(updates), target, max_rank=32, svd=SvdConfig(exact_max_dim=64, keep_vectors_mb=mb))
+            for mb in (1024, 0)
+        ]
+        assert [layer.rank for layer in runs[0].layers] == [layer.rank for layer in runs[1].layers]
+        assert {layer.svd for layer in runs[0].layers} == {"exact", "randomized"}
+        for p in runs[0].factors:
+            one, two = runs[0].factors[p], runs[1].factors[p]
+            assert torch.equal(one.B @ one.A, two.B @ two.A)
+
+
+def test_the_conversion_thread_computes_on_one_core_and_leaves_the_others_alone():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from server.adapters.conversion.threads import single_core_thread
+
+    before = torch.get_num_threads()
+    with ThreadPoolExecutor(1, initializer=single_core_thread) as worker:
+        assert worker.submit(torch.get_num_threads).result() == 1
+    assert torch.get_num_threads() == before

@@ -28,7 +28,7 @@ from .errors import ConversionRefused
 from .spectrum import Spectrum
 
 SCOPES = ("total", "layer")
-_SLACK = 1e-12  # relative slack on the error budget: float64 sums of σ² round
+_SLACK = 1e-12  # of ‖ΔW‖_F², added to the error budget: float64 sums of σ² round
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +83,7 @@ def choose_ranks(spectra: dict[str, Spectrum], caps: dict[str, int], target: Tar
     if target.scope == "layer":
         ranks, missed = {}, []
         for p, s in spectra.items():
-            allowed = frac * s.total_sq * (1 + _SLACK) + _noise_sq(s)
+            allowed = (frac + _SLACK) * s.total_sq + _noise_sq(s)
             ranks[p] = next((r for r in range(limits[p] + 1) if s.tail_sq(r) <= allowed), limits[p])
             if s.tail_sq(ranks[p]) > allowed:
                 missed.append((p, math.sqrt(s.tail_sq(ranks[p]) / s.total_sq)))
@@ -95,7 +95,7 @@ def choose_ranks(spectra: dict[str, Spectrum], caps: dict[str, int], target: Tar
             )
         return ranks
     total = sum(s.total_sq for s in spectra.values())
-    allowed = frac * total * (1 + _SLACK) + sum(_noise_sq(s) for s in spectra.values())
+    allowed = (frac + _SLACK) * total + sum(_noise_sq(s) for s in spectra.values())
     order = {p: i for i, p in enumerate(spectra)}
     candidates = sorted(
         ((float(s.sigma[i]) ** 2 / sum(s.shape), order[p], i, p) for p, s in spectra.items() for i in range(limits[p])),

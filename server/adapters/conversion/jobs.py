@@ -1,10 +1,11 @@
 """Conversions and merges as jobs: read the sources, truncate, check the logits, publish (docs/conversion.md).
 
-Jobs run one at a time on their own low-priority thread (SVDs and weight reads never touch the
-event loop, and two large conversions never compete for memory). A job takes no lock that requests
-need: it reads stored files through the store, parses them like the loader does, and publishes the
-result through the adapter service's upload worker, so the converted adapter is validated and
-stored exactly like an upload (`AdapterService.submit_upload`).
+Jobs run one at a time on their own thread, at low priority and on one core (threads.py): SVDs and
+weight reads never touch the event loop, never take the engine's cores, and two large conversions
+never compete for memory. A job takes no lock that requests need: it reads stored files through the
+store, parses them like the loader does, and publishes the result through the adapter service's
+upload worker, so the converted adapter is validated and stored exactly like an upload
+(`AdapterService.submit_upload`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import torch
 from adapters_store import AdapterInfo, ParsedAdapter, parse_adapter
 from adapters_store.canonical import CONFIG_FILE, WEIGHTS_FILE
 from server.adapters.frozen_base import FrozenBase
-from server.adapters.loader import lower_thread_priority
 from server.adapters.service import AdapterService
 from server.model.llama import LlamaModel
 from server.model.tokenizer import TextTokenizer
@@ -34,6 +34,7 @@ from .lora_files import lora_files, stored_report
 from .reference import MAX_PROMPT_TOKENS, PROMPTS, ReferenceModel, compare
 from .report import totals
 from .spectrum import DEFAULT_SVD, SvdConfig
+from .threads import single_core_thread
 from .truncate import Truncation, truncate
 from .updates import AdapterUpdates, UpdateSource
 
@@ -67,7 +68,7 @@ class Converter:
         self._reference: ReferenceModel | None = None
         self._reports: OrderedDict[str, dict | None] = OrderedDict()
         self._reports_lock = threading.Lock()
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="adapter-convert", initializer=lower_thread_priority)
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="adapter-convert", initializer=single_core_thread)
         self._bias_rows = {
             s.path: (linear, slice(s.out_start, s.out_start + s.out_features))
             for linear in model.adapted_linears()

@@ -28,6 +28,10 @@ class SvdConfig:
     oversample: int = 16
     power_iters: int = 2
     seed: int = 0  # the randomized sketch is seeded per layer: the same layer gives the same numbers
+    # An error or energy target needs every layer's σ before any rank is known: singular vectors of
+    # all layers (up to their caps) are kept from that first pass when they fit in this much memory,
+    # else each layer is decomposed a second time once its rank is chosen.
+    keep_vectors_mb: float = 1024.0
 
 
 DEFAULT_SVD = SvdConfig()
@@ -66,6 +70,12 @@ class Spectrum:
         rounding noise of a rank-deficient update, and keeping them would only add parameters."""
         tol = self.sigma_1 * max(self.shape) * torch.finfo(torch.float64).eps
         return int((self.sigma > tol).sum())
+
+    def trimmed(self, k: int) -> Spectrum:
+        """The same spectrum with only the first k singular vectors kept (all the σ's)."""
+        U = None if self.U is None else self.U[:, :k].clone()
+        Vh = None if self.Vh is None else self.Vh[:k].clone()
+        return Spectrum(self.sigma, self.total_sq, self.complete, self.method, self.shape, U, Vh)
 
     def factors(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B [out, r], A [r, in]) with B A = U_r Σ_r V_rᵀ, √σ on each side (balanced magnitudes)."""
