@@ -32,6 +32,7 @@ from dataclasses import replace
 
 from adapters_store import (
     DEFAULT_TENANT,
+    AdapterError,
     AdapterInfo,
     AdapterNotFound,
     AdapterRef,
@@ -92,6 +93,44 @@ class AdapterService:
                 if previous is not None:
                     self._unpublish(previous.version)
         return len(self.registry)
+
+    def refresh(self) -> int:
+        """Bring the registry in step with a store that other processes write too (S3: every
+        replica's uploads, deletes and public marks); returns how many adapters changed. Reads the
+        store, so it runs on a background thread (server/scale/sync.py), never on the event loop.
+        Holds `_write_lock`, so no write of this process interleaves with it. A version that stops
+        being published is discarded like a local delete: running requests keep it until they end."""
+        changed = 0
+        with self._write_lock:
+            found = self.stores.scan()
+            for ref, version in found.items():
+                public = bool(self.stores.store(ref.tenant).access(ref.adapter_id).get("public", False))
+                known = self.registry.resolve(ref)
+                if known is not None and known.version == version:
+                    if known.public != public:
+                        with self._lock:
+                            self.registry.register(replace(known, public=public))
+                        changed += 1
+                    continue
+                try:
+                    meta = self.stores.store(ref.tenant).meta(ref.adapter_id, version)["info"]
+                    info = AdapterInfo.from_dict({**meta, "version": version, "tenant": ref.tenant, "public": public})
+                except (AdapterError, KeyError, TypeError) as exc:  # e.g. deleted again meanwhile: next round
+                    log.warning("adapter %s version %s not registered: %s", ref, version, exc)
+                    continue
+                with self._lock:
+                    previous = self.registry.register(info)
+                    self._published[version] += 1
+                    if previous is not None:
+                        self._unpublish(previous.version)
+                changed += 1
+            for info in self.registry.list():
+                if info.ref not in found:
+                    with self._lock:
+                        if self.registry.remove(info.ref) is not None:
+                            self._unpublish(info.version)
+                    changed += 1
+        return changed
 
     # ---- names and who may see what -----------------------------------------------------------
     @staticmethod
