@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup model serve test bench clean
+.PHONY: setup model serve serve-ray test bench clean
 
 setup: $(STAMP) model
 
@@ -21,6 +21,14 @@ model: $(STAMP)
 
 serve: setup
 	$(PY) -m server
+
+# Replicas on Ray Serve, requests routed by adapter. Adapters live in ADAPTERS_DIR (an s3:// URL, with
+# the usual AWS_* variables), or by default in a SeaweedFS this command runs on loopback.
+REPLICAS ?= 2
+ADAPTERS_DIR ?=
+serve-ray: setup
+	$(PY) -m server.scale.serve_ray --replicas $(REPLICAS) \
+		$(if $(ADAPTERS_DIR),--adapters-dir $(ADAPTERS_DIR),--local-s3 $(HOME)/.cache/adapter-server/seaweedfs)
 
 test: setup
 	$(PY) -m ruff check .

@@ -419,7 +419,11 @@ class S3TenantStores:
             if not _missing(exc):
                 raise
             log.warning("bucket %s does not exist: creating it", self._s.bucket)
-            self._s.client.create_bucket(Bucket=self._s.bucket)
+            try:
+                self._s.client.create_bucket(Bucket=self._s.bucket)
+            except ClientError as exc:
+                if _code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise  # (another replica starting at the same time created it: fine)
 
     def store(self, tenant: str) -> S3AdapterStore:
         validate_tenant(tenant)

@@ -9,17 +9,15 @@ import time
 
 import httpx
 import pytest
+import ray
+from ray import serve
 
 from server.config import AdapterConfig, EngineConfig, ServerConfig
+from server.scale.serve_ray import APP_NAME, MULTIPLEX_HEADER, RouteKeys, adapter_name, build_app
 from server.tenancy.keys import add_key
 from tests.live_server import free_port, wait_until
 from tests.seaweed import seaweed_s3
 from tests.test_tenancy import _lora
-
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
-
-from server.scale.serve_ray import APP_NAME, MULTIPLEX_HEADER, build_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +96,22 @@ def _published_everywhere(url: str, key: str, adapter_id: str, seed: int) -> str
     wait_until(lambda: set(_versions_everywhere(url, key, adapter_id).values()) == {version}, 2.5, "every replica")
     assert time.monotonic() - started < 2.5  # the upload itself plus at most 2 s
     return version
+
+
+def test_the_route_key_is_the_adapters_full_name(tmp_path, tiny_served_model_dir):
+    keys_file = tmp_path / "keys.json"
+    key = add_key(keys_file, "acme", "user")
+    routes = RouteKeys(ServerConfig(model=tiny_served_model_dir, api_keys=keys_file))
+    assert routes.key("my-lora", f"Bearer {key}") == "acme/my-lora"  # a bare id is the caller's
+    assert routes.key("globex/shared", f"Bearer {key}") == "globex/shared"
+    assert routes.key("my-lora", "Bearer sk-unknown") == ""  # no tenant: any replica answers 401
+    assert routes.key(tiny_served_model_dir.name, f"Bearer {key}") == ""  # /v1's model = the base model
+    assert routes.key("../x", f"Bearer {key}") == "" and routes.key(None, "") == ""
+    body = b'{"model": "m", "adapter_id": "a"}'
+    assert adapter_name("POST", "/generate", "application/json", body) == "a"
+    assert adapter_name("POST", "/v1/chat/completions", "application/json", body) == "m"
+    assert adapter_name("POST", "/generate", "application/json", b"not json") is None
+    assert adapter_name("GET", "/adapters/a", "", b"") is None
 
 
 def test_keys_are_forwarded_and_streams_stream(cluster):

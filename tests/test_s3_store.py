@@ -10,17 +10,19 @@ import textwrap
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
 from botocore.exceptions import ClientError
 
 from adapters_store import AdapterNotFound, AdapterRef, AdapterRegistry, StoreConflict
-from adapters_store.s3 import POINTERS, Pointer, S3TenantStores, make_client
+from adapters_store.s3 import POINTERS, Pointer, S3TenantStores, make_client, parse_s3_url
 from server.adapters.frozen_base import FrozenBase
 from server.adapters.host_cache import HostCache
 from server.adapters.packing import base_model_spec
 from server.adapters.service import AdapterService
+from server.config import parse_args
 from server.scale.sync import RegistrySync
 from server.tenancy.principal import Principal
 from tests.live_server import wait_until
@@ -46,6 +48,13 @@ def _files(seed: int, size: int = 64) -> dict[str, bytes]:
 def _keys(url: str) -> list[str]:
     prefix = url.split("/", 3)[3]
     return sorted(o["Key"][len(prefix) + 1 :] for o in S3TenantStores(url)._s.list(prefix + "/"))
+
+
+def test_an_s3_url_survives_config_parsing():
+    config = parse_args(["--adapters-dir", "s3://bucket/some/prefix", "--s3-endpoint-url", "http://127.0.0.1:9"])
+    assert config.adapters_dir == "s3://bucket/some/prefix" and config.s3_endpoint_url == "http://127.0.0.1:9"
+    assert parse_args(["--adapters-dir", "/tmp/x"]).adapters_dir == Path("/tmp/x")
+    assert parse_s3_url("s3://bucket/some/prefix/") == ("bucket", "some/prefix") and parse_s3_url("s3://b") == ("b", "")
 
 
 def test_publish_read_and_tenants_apart(url):

@@ -24,6 +24,7 @@ class HttpRequest:
     headers: Headers  # as received, Authorization included: the replica authenticates the caller
     body: bytes
     client: tuple[str, int] | None = None
+    adapter: str = ""  # the full name (owner/id) of the adapter it names, as the router read it
 
 
 @dataclass(frozen=True, slots=True)

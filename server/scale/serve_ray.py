@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import nullcontext
 from dataclasses import replace
@@ -139,10 +141,9 @@ def make_server_deployment(max_models: int):
 
         async def handle(self, request: HttpRequest) -> AsyncIterator[ResponseStart | bytes]:
             key = serve.get_multiplexed_model_id()
-            tier = None
             if key:
                 await self.adapter(key)
-                tier = self._tier(key)
+            tier = self._tier(request.adapter) if request.adapter else None
             async for item in call_asgi(self.app, request):
                 if isinstance(item, ResponseStart):
                     item = item.with_headers(self._headers(item.status, tier))
@@ -195,7 +196,8 @@ class AdapterRouter:
             bytes(body),
             request.scope.get("client"),
         )
-        key = await self._route_key(request, http) if self.route_by_adapter else ""
+        http = replace(http, adapter=await self._adapter_key(request, http))
+        key = (request.headers.get(MULTIPLEX_HEADER) or http.adapter) if self.route_by_adapter else ""
         handle = (
             self.servers.options(stream=True, multiplexed_model_id=key) if key else self.servers.options(stream=True)
         )
@@ -212,10 +214,8 @@ class AdapterRouter:
         response.raw_headers = start.headers  # exactly the replica's (content-type, retry-after, …)
         return response
 
-    async def _route_key(self, request: Request, http: HttpRequest) -> str:
-        pinned = request.headers.get(MULTIPLEX_HEADER)
-        if pinned:
-            return pinned
+    async def _adapter_key(self, request: Request, http: HttpRequest) -> str:
+        """`owner/id` of the adapter the request names, "" for none."""
         content_type = request.headers.get("content-type", "")
         if http.method == "POST" and http.path.rstrip("/") == "/adapters":
             name = await upload_name(request, http.body)
@@ -260,28 +260,38 @@ def main(argv: list[str] | None = None) -> None:
     )
     args, rest = parser.parse_known_args(argv)
     config = parse_args(rest)
+    if config.threads == 0:  # each replica computes on the CPUs Ray reserved for it
+        config = replace(config, threads=max(1, int(args.cpus_per_replica)))
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import ray
 
     from server.scale.local_s3 import local_s3
 
+    signal.signal(signal.SIGTERM, _interrupt)  # docker stop, kill: shut down as on Ctrl-C
     with local_s3(args.local_s3) if args.local_s3 else nullcontext() as s3:
         env = {}
         if s3 is not None:
             env = s3.env
             config = replace(config, adapters_dir=s3.url("dev"))
             log.info("adapters in SeaweedFS at %s (%s, data in %s)", s3.endpoint, config.adapters_dir, args.local_s3)
-        ray.init(address=args.ray_address, runtime_env={"env_vars": env} if env else None)
-        serve.start(http_options={"host": config.host, "port": config.port})
         app = build_app(config, args.replicas, args.cpus_per_replica, args.gpus_per_replica, env)
-        log.info("serving on http://%s:%d with %d replicas", config.host, config.port, args.replicas)
+        ray.init(address=args.ray_address, runtime_env={"env_vars": env} if env else None)
+        signal.signal(signal.SIGTERM, _interrupt)  # ray.init installs a handler of its own
         try:
-            serve.run(app, name=APP_NAME, route_prefix="/", blocking=True)
+            serve.start(http_options={"host": config.host, "port": config.port})
+            serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+            log.info("serving on http://%s:%d with %d replicas", config.host, config.port, args.replicas)
+            while True:
+                time.sleep(3600)
         except KeyboardInterrupt:
-            pass
+            log.info("stopping: replicas finish their requests and publish accepted uploads")
         finally:
             serve.shutdown()
             ray.shutdown()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
