@@ -187,7 +187,8 @@ async def convert_full_finetune(
         raise RequestValidationError(exc.errors()) from None
     target = body.target(runtime.adapters.spec.max_rank)
     chosen = None if targets is None else [t.strip() for t in targets.split(",") if t.strip()]
-    file = await _spool(request, runtime.config.adapters_dir)
+    local_store = runtime.config.adapters_dir
+    file = await _spool(request, local_store if isinstance(local_store, Path) else None)
     try:
         job = converter(request.app).convert_full(file, chosen, target_id, target, who.tenant)
         return _answer(await asyncio.wrap_future(job), who)
@@ -195,10 +196,10 @@ async def convert_full_finetune(
         await run_in_threadpool(file.unlink, True)
 
 
-async def _spool(request: Request, directory: Path) -> Path:
-    """The request body, written to a temp file beside the store (a `.tmp-` name: a crash leaves
-    garbage the store's startup scan removes). Memory holds one chunk at a time; the size cap is
-    the body limit of this route (--max-full-finetune-mb)."""
+async def _spool(request: Request, directory: Path | None) -> Path:
+    """The request body, written to a temp file beside a local store (a `.tmp-` name: a crash leaves
+    garbage the store's startup scan removes), or in the system's temp dir when the store is S3.
+    Memory holds one chunk at a time; the size cap is this route's body limit (--max-full-finetune-mb)."""
     fd, name = tempfile.mkstemp(prefix=".tmp-full-", suffix=".safetensors", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
