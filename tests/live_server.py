@@ -28,26 +28,11 @@ def wait_until(predicate: Callable[[], bool], seconds: float, what: str) -> None
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@contextmanager
-def live_server(model_dir: Path, adapters_dir: Path, *flags: str) -> Iterator[str]:
-    """Yield the base URL of a server process serving `model_dir` in float32; stop it afterwards."""
+def start_server(model_dir: Path, adapters_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """Start a server process serving `model_dir` in float32; (process, base URL) once it is healthy."""
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "server",
-        "--model",
-        str(model_dir),
-        "--dtype",
-        "float32",
-        "--port",
-        str(port),
-        "--adapters-dir",
-        str(adapters_dir),
-        "--log-level",
-        "warning",
-        *flags,
-    ]
+    cmd = [sys.executable, "-m", "server", "--model", str(model_dir), "--dtype", "float32", "--port", str(port)]
+    cmd += ["--adapters-dir", str(adapters_dir), "--log-level", "warning", *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 
@@ -61,6 +46,18 @@ def live_server(model_dir: Path, adapters_dir: Path, *flags: str) -> Iterator[st
 
     try:
         wait_until(healthy, 120, "the server to start")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, url
+
+
+@contextmanager
+def live_server(model_dir: Path, adapters_dir: Path, *flags: str) -> Iterator[str]:
+    """Yield the base URL of a server process serving `model_dir` in float32; stop it afterwards."""
+    proc, url = start_server(model_dir, adapters_dir, *flags)
+    try:
         yield url
     finally:
         proc.terminate()

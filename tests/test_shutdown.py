@@ -5,37 +5,17 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
 
-from tests.live_server import free_port, wait_until
+from tests.live_server import start_server
 from tests.test_tenancy import _lora
 
 
-def _start(model_dir, adapters_dir, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "server", "--model", str(model_dir), "--dtype", "float32", "--port", str(port)]
-    cmd += ["--adapters-dir", str(adapters_dir), "--log-level", "warning", "--shutdown-timeout-s", "60"]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def _healthy(url: str, proc: subprocess.Popen) -> bool:
-    if proc.poll() is not None:
-        raise AssertionError(f"server exited: {proc.stdout.read().decode()[-3000:]}")
-    try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def test_sigterm_lets_running_streams_finish_and_keeps_adapters(tiny_served_model_dir, tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = _start(tiny_served_model_dir, tmp_path, port)
+    proc, url = start_server(tiny_served_model_dir, tmp_path, "--shutdown-timeout-s", "60")
     try:
-        wait_until(lambda: _healthy(url, proc), 120, "the server to start")
         config, weights = _lora(seed=1)
         files = {"config": ("c.json", config), "weights": ("w.safetensors", weights)}
         assert httpx.post(f"{url}/adapters", data={"adapter_id": "kept"}, files=files, timeout=60).status_code == 201
@@ -64,11 +44,8 @@ def test_sigterm_lets_running_streams_finish_and_keeps_adapters(tiny_served_mode
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = _start(tiny_served_model_dir, tmp_path, port)
+    proc, url = start_server(tiny_served_model_dir, tmp_path)
     try:
-        wait_until(lambda: _healthy(url, proc), 120, "the server to restart")
         assert httpx.get(f"{url}/adapters/kept", timeout=10).status_code == 200
     finally:
         proc.terminate()
