@@ -74,14 +74,16 @@ def hf(model_dir):
 def peft_configs():
     from peft import AdaLoraConfig, LoraConfig, RandLoraConfig, VeraConfig
 
-    return {
-        "lora": LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS),
-        "lora-bias": LoraConfig(r=4, lora_alpha=8, lora_bias=True, target_modules=QKVO),
-        "dora": LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=TARGETS),
-        "adalora": AdaLoraConfig(init_r=6, target_r=3, lora_alpha=12, total_step=10, target_modules=TARGETS),
-        "vera": VeraConfig(r=16, target_modules=TARGETS, projection_prng_key=5, save_projection=False),
-        "randlora": RandLoraConfig(r=8, randlora_alpha=16, target_modules=QKVO, projection_prng_key=2),
-    }
+    with warnings.catch_warnings():  # VeRA warns that save_projection=False relies on the seed: that is the point
+        warnings.simplefilter("ignore")
+        return {
+            "lora": LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS),
+            "lora-bias": LoraConfig(r=4, lora_alpha=8, lora_bias=True, target_modules=QKVO),
+            "dora": LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=TARGETS),
+            "adalora": AdaLoraConfig(init_r=6, target_r=3, lora_alpha=12, total_step=10, target_modules=TARGETS),
+            "vera": VeraConfig(r=16, target_modules=TARGETS, projection_prng_key=5, save_projection=False),
+            "randlora": RandLoraConfig(r=8, randlora_alpha=16, target_modules=QKVO, projection_prng_key=2),
+        }
 
 
 @pytest.fixture(scope="module")
