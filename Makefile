@@ -40,6 +40,7 @@ bench: setup
 	$(PY) benchmarks/adapters.py
 	$(PY) benchmarks/latency.py
 	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/scale_out.py
 
 clean:
 	rm -rf $(VENV)

@@ -124,7 +124,7 @@ def _conditional_race(clients: list, key: str, etag: str, tag: str) -> list[int]
 
 def test_the_server_makes_conditional_writes_atomic(url):
     """What the store relies on: of 8 concurrent writes conditional on one ETag, exactly one wins.
-    (SeaweedFS before 4.17 checked the condition before taking its lock and let several win.)"""
+    (SeaweedFS 4.16 checked the condition before taking its lock and let several win: seaweedfs#8800.)"""
     clients = [make_client() for _ in range(8)]
     key = url.split("/", 3)[3] + "/race"
     for round_ in range(4):
