@@ -42,6 +42,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         finally:
             # Uvicorn has let running requests finish (or cut them at --shutdown-timeout-s). An upload
             # still being published completes: a publish is never left half done.
+            runtime.converter.drain()  # its results publish through the upload worker: first
             runtime.adapters.drain_uploads()
             runtime.engine.stop()
 

@@ -11,6 +11,7 @@ import torch
 
 from adapters_store import AdapterRegistry, TenantStores
 from kernels.backend import BACKENDS, describe_backend, select_backend
+from server.adapters.conversion.jobs import Converter
 from server.adapters.frozen_base import FrozenBase
 from server.adapters.host_cache import HostCache
 from server.adapters.manager import AdapterManager
@@ -48,6 +49,7 @@ class Runtime:
     dtype: torch.dtype
     device: torch.device
     gate: RequestGate  # requests in flight per tenant, against their limits
+    converter: Converter  # adapter conversions and merges (one low-priority worker)
     keys: KeyRing | None = None  # None: the server runs open, every caller is the default tenant
 
     @property
@@ -165,7 +167,9 @@ def build_runtime(config: ServerConfig) -> Runtime:
         log.warning("no API keys configured (--api-keys): the server is open, every caller is one tenant")
     else:
         log.info("%d API keys loaded from %s", len(keys), config.api_keys)
-    return Runtime(config, model, tokenizer, engine, metrics, service, max_len, dtype, device, gate, keys)
+    # Conversions read the frozen base, never the live weights (a merged phase may hold an adapter).
+    converter = Converter(service, model, base, tokenizer, max_len)
+    return Runtime(config, model, tokenizer, engine, metrics, service, max_len, dtype, device, gate, converter, keys)
 
 
 def _adapter_stores(config: ServerConfig):

@@ -106,9 +106,9 @@ async def test_convert_publishes_a_servable_lora_with_its_report(client, keys, a
     assert len(report["layers"]) == 4 and all(layer["rank"] == 2 for layer in report["layers"])
     assert 0 < report["totals"]["frobenius_error_rel"] < 1 and report["logits"]["max_logit_diff"] > 0
     assert body["conversion_seconds"] > 0
-    got = await client.get("/conversions/small", headers=acme)
+    got = await client.get("/adapters/small", headers=acme)
     assert got.status_code == 200 and got.json()["conversion"] == report
-    assert (await client.get("/conversions/src", headers=acme)).json()["conversion"] is None
+    assert (await client.get("/adapters/src", headers=acme)).json()["conversion"] is None
     gen = await client.post(
         "/generate", json={"prompt": "Hello", "adapter_id": "small", "max_tokens": 3, "ignore_eos": True}, headers=acme
     )
@@ -122,10 +122,10 @@ async def test_convert_publishes_a_servable_lora_with_its_report(client, keys, a
 
 async def test_the_report_survives_a_restart(client, keys, tiny_served_model_dir, adapters_dir):
     acme = auth(keys, "acme")
-    before = (await client.get("/conversions/small", headers=acme)).json()
+    before = (await client.get("/adapters/small", headers=acme)).json()
     restarted = make_app(tiny_served_model_dir, adapters_dir, keys[0])
     async with restarted.router.lifespan_context(restarted), await open_client(restarted) as other:
-        after = await other.get("/conversions/small", headers=acme)
+        after = await other.get("/adapters/small", headers=acme)
     assert after.status_code == 200
     assert after.json()["conversion"] == before["conversion"] and after.json()["version"] == before["version"]
 

@@ -15,9 +15,8 @@ from safetensors.torch import save_file
 
 from adapters_store import parse_adapter
 from adapters_store.canonical import CONFIG_FILE, WEIGHTS_FILE
-from server.adapters.conversion import Combination, Converter, Target
+from server.adapters.conversion import Combination, Target
 from server.adapters.conversion.updates import AdapterUpdates
-from server.api.convert import _frozen_base
 from server.config import AdapterConfig, EngineConfig, ServerConfig
 from server.runtime import build_runtime
 from tests.conftest import build_tiny_llama
@@ -61,7 +60,7 @@ def runtime(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converter(runtime):
-    return Converter(runtime.adapters, runtime.model, _frozen_base(runtime), runtime.tokenizer, runtime.max_model_len)
+    return runtime.converter
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ from server.tenancy.principal import Principal
 router = APIRouter()
 
 
-def _public(info: AdapterInfo, who: Principal) -> dict:
+def adapter_view(info: AdapterInfo, who: Principal) -> dict:
+    """An adapter as the API shows it to `who`."""
     return {
         "adapter_id": info.adapter_id,
         # What this caller passes as adapter_id / model to use it: the id for its own, owner/id else.
@@ -112,19 +113,22 @@ async def upload_adapter(request: Request, who: Caller) -> JSONResponse:
     adapter_id, config_bytes, weights_bytes = await _form_parts(request, cap)
     upload = runtime.adapters.submit_upload(adapter_id, config_bytes, weights_bytes, owner=who.tenant)
     info = await asyncio.wrap_future(upload)
-    return JSONResponse(_public(info, who), status_code=201)
+    return JSONResponse(adapter_view(info, who), status_code=201)
 
 
 @router.get("/adapters", responses=error_responses(401))
 async def list_adapters(request: Request, who: Caller) -> dict:
     runtime: Runtime = request.app.state.runtime
-    return {"adapters": [_public(info, who) for info in runtime.adapters.visible(who)]}
+    return {"adapters": [adapter_view(info, who) for info in runtime.adapters.visible(who)]}
 
 
 @router.get("/adapters/{name:path}", responses=error_responses(401, 404))
 async def get_adapter(name: str, request: Request, who: Caller) -> dict:
+    """One adapter, with its conversion report when a conversion or merge made it (else null)."""
     runtime: Runtime = request.app.state.runtime
-    return _public(runtime.adapters.get(name, who), who)
+    info = runtime.adapters.get(name, who)
+    report = await run_in_threadpool(runtime.converter.report, info)  # a cache miss reads the store
+    return {**adapter_view(info, who), "conversion": report}
 
 
 class AccessChange(BaseModel):
@@ -137,7 +141,7 @@ async def change_access(name: str, change: AccessChange, request: Request, who: 
     """Admins: make an adapter public (every tenant may use it as `owner/id`) or private again."""
     runtime: Runtime = request.app.state.runtime
     info = await run_in_threadpool(runtime.adapters.set_public, name, change.public, who)
-    return _public(info, who)
+    return adapter_view(info, who)
 
 
 @router.delete("/adapters/{name:path}", status_code=204, responses=error_responses(401, 403, 404, 500))

@@ -4,7 +4,6 @@ Eckart–Young error of the truncation reported (docs/conversion.md).
     POST /adapters/{name}/convert     JSON {target_id, rank | max_relative_error | energy, scope}
     POST /adapters/merge              JSON {target_id, sources: [{adapter_id, weight}], combination, ...}
     POST /adapters/full-finetune      safetensors body; target and options in the query string
-    GET  /conversions/{name}          an adapter's conversion report (null when it was not converted)
 
 Each answers the new adapter as GET /adapters/{id} does, plus its `conversion` report and
 `conversion_seconds`. The work runs on the conversion thread (`Converter`), never on the event loop.
@@ -20,17 +19,16 @@ import threading
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from adapters_store import AdapterInfo, AdapterNotFound, validate_adapter_id
-from server.adapters.conversion import Combination, ConversionRefused, ConversionResult, Converter, Target
+from server.adapters.conversion import Combination, ConversionRefused, ConversionResult, Target
 from server.adapters.conversion.combine import METHODS
-from server.adapters.frozen_base import FrozenBase
-from server.api.adapters import _public
+from server.api.adapters import adapter_view
 from server.api.auth import Caller
 from server.api.openapi import error_responses
 from server.api.schemas import Text
@@ -43,25 +41,6 @@ FULL_FINETUNE_PATH = "/adapters/full-finetune"
 MAX_MERGE_SOURCES = 16
 _SPOOL_CHUNK = 8 * 2**20  # the upload is written to disk in pieces of this size, off the event loop
 _converter_lock = threading.Lock()
-
-
-def converter(app: FastAPI) -> Converter:
-    """The app's Converter, made on first use."""
-    with _converter_lock:
-        conv = getattr(app.state, "converter", None)
-        if conv is None:
-            runtime: Runtime = app.state.runtime
-            conv = Converter(
-                runtime.adapters, runtime.model, _frozen_base(runtime), runtime.tokenizer, runtime.max_model_len
-            )
-            app.state.converter = conv
-        return conv
-
-
-def _frozen_base(runtime: Runtime) -> FrozenBase:
-    # The base weights as loaded, which the engine's merger keeps (and never writes to): the live
-    # layers may hold a merged adapter at any moment.
-    return runtime.engine.runner.adapters.merger.base
 
 
 class TargetFields(BaseModel):
@@ -118,7 +97,7 @@ class MergeRequest(TargetFields):
 
 
 def _answer(result: ConversionResult, who: Principal) -> JSONResponse:
-    body = {**_public(result.info, who), "conversion": result.report, "conversion_seconds": result.seconds}
+    body = {**adapter_view(result.info, who), "conversion": result.report, "conversion_seconds": result.seconds}
     return JSONResponse(body, status_code=201)
 
 
@@ -131,7 +110,7 @@ async def convert_adapter(name: str, body: ConvertRequest, request: Request, who
     runtime: Runtime = request.app.state.runtime
     target = body.target(runtime.adapters.spec.max_rank)
     info = runtime.adapters.get(name, who)
-    job = converter(request.app).convert(info, body.target_id, target, who.tenant)
+    job = request.app.state.runtime.converter.convert(info, body.target_id, target, who.tenant)
     return _answer(await asyncio.wrap_future(job), who)
 
 
@@ -141,7 +120,7 @@ async def merge_adapters(body: MergeRequest, request: Request, who: Caller) -> J
     runtime: Runtime = request.app.state.runtime
     target = body.target(runtime.adapters.spec.max_rank)
     infos = [_own(runtime, s.adapter_id, who) for s in body.sources]
-    job = converter(request.app).merge(
+    job = request.app.state.runtime.converter.merge(
         infos, [s.weight for s in body.sources], body.how(), body.target_id, target, who.tenant
     )
     return _answer(await asyncio.wrap_future(job), who)
@@ -190,7 +169,7 @@ async def convert_full_finetune(
     local_store = runtime.config.adapters_dir
     file = await _spool(request, local_store if isinstance(local_store, Path) else None)
     try:
-        job = converter(request.app).convert_full(file, chosen, target_id, target, who.tenant)
+        job = request.app.state.runtime.converter.convert_full(file, chosen, target_id, target, who.tenant)
         return _answer(await asyncio.wrap_future(job), who)
     finally:
         await run_in_threadpool(file.unlink, True)
@@ -214,13 +193,3 @@ async def _spool(request: Request, directory: Path | None) -> Path:
         os.unlink(name)
         raise
     return Path(name)
-
-
-@router.get("/conversions/{name:path}", responses=error_responses(401, 404))
-async def get_conversion(name: str, request: Request, who: Caller) -> dict:
-    """An adapter as GET /adapters/{name} shows it, with its conversion report (null if it was not
-    made by a conversion). The report is stored with the adapter, so it survives restarts."""
-    runtime: Runtime = request.app.state.runtime
-    info = runtime.adapters.get(name, who)
-    report = await run_in_threadpool(converter(request.app).report, info)
-    return {**_public(info, who), "conversion": report}

@@ -43,23 +43,28 @@ class ForwardContext:
 
     @classmethod
     def prefills_only(
-        cls, prompts: list[torch.Tensor], adapters: AdapterDelta | None = None, all_logits: bool = True
+        cls,
+        prompts: list[torch.Tensor],
+        adapters: AdapterDelta | None = None,
+        all_logits: bool = True,
+        device: torch.device | str = "cpu",
     ) -> ForwardContext:
         """Whole prompts prefilled at once into a scratch cache of sum(len) rows (prompt i at the rows
         after prompt i-1's): for exact one-off forwards outside the engine (tests, conversion)."""
         segments, start = [], 0
         for prompt in prompts:
-            segments.append(PrefillSegment(start, len(prompt), 0, torch.arange(start, start + len(prompt))))
+            rows = torch.arange(start, start + len(prompt), device=device)
+            segments.append(PrefillSegment(start, len(prompt), 0, rows))
             start += len(prompt)
-        ends = torch.tensor([s.token_start + s.num_tokens - 1 for s in segments])
+        ends = torch.tensor([s.token_start + s.num_tokens - 1 for s in segments], device=device)
         return cls(
-            input_ids=torch.cat(prompts),
-            positions=torch.cat([torch.arange(len(p)) for p in prompts]),
-            write_rows=torch.arange(start),
+            input_ids=torch.cat(prompts).to(device),
+            positions=torch.cat([torch.arange(len(p)) for p in prompts]).to(device),
+            write_rows=torch.arange(start, device=device),
             num_decode=0,
             decode_rows=None,
             decode_mask=None,
             prefills=segments,
-            logits_rows=torch.arange(start) if all_logits else ends,
+            logits_rows=torch.arange(start, device=device) if all_logits else ends,
             adapters=adapters,
         )

@@ -121,6 +121,10 @@ class Converter:
 
         return self._worker.submit(job)
 
+    def drain(self) -> None:
+        """Wait until every job accepted so far has published or failed (server shutdown)."""
+        self._worker.submit(lambda: None).result()  # one FIFO worker: runs after them all
+
     # ---- reports of stored adapters --------------------------------------------------------------
     def report(self, info: AdapterInfo) -> dict | None:
         """The conversion report stored with `info`'s version (None: not made by a conversion).

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import fields, is_dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -72,27 +71,12 @@ class ReferenceModel:
         cfg = self.model.config
         device, dtype = self.model.embed_tokens.weight.device, self.model.embed_tokens.weight.dtype
         ctx = ForwardContext.prefills_only(
-            [torch.tensor(p) for p in prompts], None if delta is None else _MergedLayers(delta)
+            [torch.tensor(p) for p in prompts], None if delta is None else _MergedLayers(delta), device=device
         )
-        ctx = _moved(ctx, device)
         rows = (len(ctx.input_ids), cfg.num_kv_heads, cfg.head_dim)  # a scratch cache: one row per token
         keys = [torch.zeros(rows, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         values = [torch.zeros_like(k) for k in keys]
         return self.model(ctx, keys, values).cpu()
-
-
-def _moved(obj, device: torch.device):
-    """A copy of a dataclass (the context, its segments) with every tensor field on `device`."""
-    if device.type == "cpu":
-        return obj
-    changes = {}
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if isinstance(value, torch.Tensor):
-            changes[f.name] = value.to(device)
-        elif isinstance(value, list) and value and is_dataclass(value[0]):
-            changes[f.name] = [_moved(v, device) for v in value]
-    return replace(obj, **changes)
 
 
 def compare(reference: ReferenceModel, prompts: list[list[int]], source: Delta, converted: Delta) -> dict:
