@@ -88,13 +88,12 @@ def _versions_everywhere(url: str, key: str, name: str) -> dict[str, str | None]
 
 
 def _published_everywhere(url: str, key: str, adapter_id: str, seed: int) -> str:
-    """Upload through the proxy; every replica must serve the new version within 2 s. Its version."""
-    started = time.monotonic()
+    """Upload through the proxy; from its answer on, every replica must serve the new version within
+    2 s. Its version."""
     r = _upload(url, key, adapter_id, seed)
     assert r.status_code == 201, r.text
     version = r.json()["version"]
-    wait_until(lambda: set(_versions_everywhere(url, key, adapter_id).values()) == {version}, 2.5, "every replica")
-    assert time.monotonic() - started < 2.5  # the upload itself plus at most 2 s
+    wait_until(lambda: set(_versions_everywhere(url, key, adapter_id).values()) == {version}, 2, "every replica")
     return version
 
 
@@ -146,10 +145,8 @@ def test_hot_swap_and_delete_reach_every_replica_within_2s(cluster):
     assert len(set(map(tuple, after.values()))) == 1 and set(map(tuple, after.values())) != set(
         map(tuple, before.values())
     )
-    started = time.monotonic()
     assert httpx.delete(f"{url}/adapters/swapped", headers=_auth(keys["acme"]), timeout=30).status_code == 204
-    wait_until(lambda: set(_versions_everywhere(url, keys["acme"], "swapped").values()) == {None}, 2.5, "the delete")
-    assert time.monotonic() - started < 2.5
+    wait_until(lambda: set(_versions_everywhere(url, keys["acme"], "swapped").values()) == {None}, 2, "the delete")
     assert _generate(url, keys["acme"], "swapped", pin="after-delete").status_code == 404
 
 
