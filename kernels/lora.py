@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels import invariant
+
 
 @dataclass(slots=True)
 class SliceFactors:
@@ -74,16 +76,16 @@ def lora_rows_ref(x: torch.Tensor, y: torch.Tensor, base_bias: torch.Tensor | No
     """
     for s in factors.slices:
         ys = y[:, s.out_start : s.out_start + s.out_features]
-        shrunk = torch.mm(x, s.At)  # [n, rank]
+        shrunk = invariant.mm(x, s.At)  # [n, rank]; torch.mm unless batch-invariant
         if s.output_scale is None:
-            if s.fused_scale_is_exact:
+            if s.fused_scale_is_exact and not invariant.enabled():
                 ys.addmm_(shrunk, s.Bt, alpha=s.scale)
             else:
-                delta = (shrunk @ s.Bt).mul_(s.scale)
+                delta = invariant.mm(shrunk, s.Bt).mul_(s.scale)
                 ys.add_(delta if s.divisor == 1.0 else delta.div_(s.divisor))
         else:
             base = ys - base_bias[s.out_start : s.out_start + s.out_features] if base_bias is not None else ys.clone()
             g = s.output_scale
-            ys.add_((g - 1) * base + g * (shrunk @ s.Bt) * s.scale)
+            ys.add_((g - 1) * base + g * invariant.mm(shrunk, s.Bt) * s.scale)
         if s.bias is not None:
             ys.add_(s.bias)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.invariant import mm  # a @ b, in fixed row tiles when batch-invariant
+
 Rows = slice | torch.Tensor
 
 
@@ -176,11 +178,11 @@ def vera_family_ref(
     x [T, in]; y [T, total_out] (the packed layer output); rows: the family's rows; token_slots [n]:
     their slots; A_l [r, in], B [≥ max out_j, r] (PEFT's slices: B_l of projection j is B[:out_j]).
     """
-    h = _take(x, rows) @ A_l.T  # [n, r]   shared by the whole layer
+    h = mm(_take(x, rows), A_l.T)  # [n, r]   shared by the whole layer
     for j, (out_start, out_f) in stack.active_slices():
         lambda_d = stack.lambda_d[j].index_select(0, token_slots)
         lambda_b = stack.lambda_b[:, out_start : out_start + out_f].index_select(0, token_slots)
-        u = (lambda_d * h) @ B[:out_f].T  # [n, out] shared
+        u = mm(lambda_d * h, B[:out_f].T)  # [n, out] shared
         _add_rows(y[:, out_start : out_start + out_f], rows, lambda_b * u)
 
 
@@ -201,14 +203,14 @@ def randlora_family_ref(x: torch.Tensor, y: torch.Tensor, rows: Rows, members: l
         h = torch.zeros(xf.shape[0], V.shape[1], dtype=xf.dtype, device=xf.device)  # [n, r·nb]
         for g_rows, piece in members:
             if piece is not None:
-                h[g_rows] = xf[g_rows] @ piece.U.T
-        delta = h @ V.T  # [n, out]
+                h[g_rows] = mm(xf[g_rows], piece.U.T)
+        delta = mm(h, V.T)  # [n, out]
     else:
-        p = xf @ V  # [n, r·nb]
+        p = mm(xf, V)  # [n, r·nb]
         delta = torch.zeros(xf.shape[0], y.shape[1], dtype=xf.dtype, device=xf.device)
         for g_rows, piece in members:
             if piece is not None:
-                delta[g_rows] = p[g_rows] @ piece.U
+                delta[g_rows] = mm(p[g_rows], piece.U)
     for g_rows, piece in members:
         if piece is not None:
             delta[g_rows] *= piece.scale

@@ -27,6 +27,8 @@ class EngineConfig:
     """Memory for the KV cache: blocks of 16 token positions, taken as sequences grow."""
     prefix_caching: bool = True
     """Reuse the KV of prompt blocks computed before (same tenant, adapter version and prefix)."""
+    batch_invariant: bool = False
+    """A request's logits never depend on what shares its batch (kernels/invariant.py); costs throughput."""
 
     def validate(self) -> None:
         if self.max_num_seqs < 1:
@@ -223,6 +225,12 @@ _OPTIONS: list[tuple[str, str, type, str]] = [
         "engine.prefix_caching",
         _flag,
         "reuse the KV of cached prompt blocks: true | false",
+    ),
+    (
+        "--batch-invariant",
+        "engine.batch_invariant",
+        _flag,
+        "a request's logits never depend on what shares its batch: true | false",
     ),
     ("--max-slots", "adapters.max_slots", int, "adapters ready for the forward pass at once"),
     ("--max-lora-rank", "adapters.max_rank", int, "largest adapter rank accepted at upload"),

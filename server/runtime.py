@@ -142,7 +142,11 @@ def build_runtime(config: ServerConfig) -> Runtime:
         max_step_tokens=config.engine.max_batched_tokens,
     )
     runner = ModelRunner(
-        model, kv_cache, manager, observe_slot_load=metrics.adapter_load_seconds.labels("slot").observe
+        model,
+        kv_cache,
+        manager,
+        observe_slot_load=metrics.adapter_load_seconds.labels("slot").observe,
+        batch_invariant=config.engine.batch_invariant,
     )
     phases = PhaseController(PhasePolicy(max_wait_s=adapter_cfg.max_merge_wait_ms / 1000), manager)
     metrics.watch_phases(phases.counts)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from kernels import invariant
 from kernels.batch import TokenGroup
 from server.adapters.manager import AdapterManager
 from server.engine.block_pool import NULL_BLOCK
@@ -38,12 +39,14 @@ class ModelRunner:
         kv_cache: KVCache,
         adapters: AdapterManager,
         observe_slot_load: Callable[[float], None] = lambda seconds: None,
+        batch_invariant: bool = False,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.adapters = adapters
         self.observe_slot_load = observe_slot_load
         self.device = model.embed_tokens.weight.device
+        self.batch_invariant = batch_invariant  # kernels/invariant.py: logits independent of the batch
 
     def prepare(self, batch: ScheduledBatch) -> ForwardContext:
         slot_of = {
@@ -124,4 +127,5 @@ class ModelRunner:
         if self.adapters.loads > loads_before:
             self.observe_slot_load((time.perf_counter() - started) / (self.adapters.loads - loads_before))
         ctx = self.prepare(batch)
-        return self.model(ctx, self.kv_cache.keys, self.kv_cache.values).cpu()
+        with invariant.mode(self.batch_invariant):
+            return self.model(ctx, self.kv_cache.keys, self.kv_cache.values).cpu()

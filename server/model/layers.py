@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import invariant
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
@@ -57,7 +59,7 @@ class AdaptedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor, adapters: AdapterDelta | None = None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # [tokens, out]
+        y = invariant.linear(x, self.weight, self.bias)  # [tokens, out]; F.linear unless batch-invariant
         if adapters is not None:
             y = adapters.apply(self, x, y)
         return y

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import invariant
+from server.model import invariant as invariant_attention
 from server.model.context import ForwardContext
 from server.model.hf_config import ModelConfig
 from server.model.layers import AdaptedLinear, RMSNorm, TargetSlice
@@ -58,6 +60,9 @@ class Attention(nn.Module):
         k_cache[ctx.write_rows] = k
         v_cache[ctx.write_rows] = v
 
+        if invariant.enabled():  # batch-invariant mode: one reduction order per token (server/model/invariant.py)
+            out = invariant_attention.attention(q, ctx, k_cache, v_cache, self.scale)
+            return self.o_proj(out.view(num_tokens, -1), ctx.adapters)
         out = torch.empty_like(q)  # [T, H, D]
         if ctx.num_decode:
             out[: ctx.num_decode] = self._decode(q[: ctx.num_decode], ctx, k_cache, v_cache)
@@ -159,4 +164,4 @@ class LlamaModel(nn.Module):
             x = layer(x, ctx, k_cache, v_cache)
         x = self.norm(x[ctx.logits_rows])  # only rows we sample from
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head).float()
+        return invariant.linear(x, head).float()  # F.linear unless batch-invariant
