@@ -29,6 +29,10 @@ class EngineConfig:
     """Reuse the KV of prompt blocks computed before (same tenant, adapter version and prefix)."""
     batch_invariant: bool = False
     """A request's logits never depend on what shares its batch (kernels/invariant.py); costs throughput."""
+    compile: bool = False
+    """Compile the decode step at startup (server/model/fused_decode.py). The CLI turns it on
+    (`--no-compile` to stay eager); in-process users (tests, benchmarks) get the eager reference unless
+    they ask."""
 
     def validate(self) -> None:
         if self.max_num_seqs < 1:
@@ -232,6 +236,12 @@ _OPTIONS: list[tuple[str, str, type, str]] = [
         _flag,
         "a request's logits never depend on what shares its batch: true | false",
     ),
+    (
+        "--compile",
+        "engine.compile",
+        _flag,
+        "compile the decode step at startup (torch.compile; --no-compile = eager): true | false",
+    ),
     ("--max-slots", "adapters.max_slots", int, "adapters ready for the forward pass at once"),
     ("--max-lora-rank", "adapters.max_rank", int, "largest adapter rank accepted at upload"),
     ("--max-upload-mb", "adapters.max_upload_mb", float, "largest accepted adapter upload"),
@@ -253,7 +263,9 @@ def env_name(flag: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser = argparse.ArgumentParser(prog="adapter-server", description="Multi-adapter LLM inference server.")
-    defaults = {"": ServerConfig(), "engine": EngineConfig(), "adapters": AdapterConfig(), "tenants": TenantConfig()}
+    # The server compiles its decode step unless told not to (EngineConfig's own default is eager).
+    engine = EngineConfig(compile=True)
+    defaults = {"": ServerConfig(), "engine": engine, "adapters": AdapterConfig(), "tenants": TenantConfig()}
     for flag, path, kind, help_text in _OPTIONS:
         group, _, name = path.rpartition(".")
         default = getattr(defaults[group], name)
@@ -266,6 +278,13 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             default=kind(os.environ[env]) if env in os.environ else default,
             help=f"{help_text} [env {env}; default: {default}]",
         )
+    parser.add_argument(
+        "--no-compile",
+        dest="engine.compile",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="same as --compile false",
+    )
     values = vars(parser.parse_args(argv))
     sections: dict[str, dict] = {"": {}, "engine": {}, "adapters": {}, "tenants": {}}
     for path, value in values.items():

@@ -11,6 +11,7 @@ import torch
 
 from adapters_store import AdapterRegistry, TenantStores
 from kernels.backend import BACKENDS, describe_backend, select_backend
+from kernels.lora_tokens import TokenLoraStack
 from server.adapters.conversion.jobs import Converter
 from server.adapters.frozen_base import FrozenBase
 from server.adapters.host_cache import HostCache
@@ -19,7 +20,7 @@ from server.adapters.packing import base_model_spec
 from server.adapters.service import AdapterService
 from server.adapters.slot_table import SlotTable
 from server.config import ServerConfig, available_cores
-from server.engine.block_pool import BlockPool
+from server.engine.block_pool import NULL_BLOCK, BlockPool
 from server.engine.engine import Engine
 from server.engine.kv_cache import BLOCK_SIZE, KVCache, bytes_per_token
 from server.engine.phases import PhaseController, PhasePolicy
@@ -27,6 +28,7 @@ from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.errors import ModelLoadError
 from server.metrics import Metrics
+from server.model.fused_decode import FusedDecoder
 from server.model.hf_config import load_model_config
 from server.model.llama import LlamaModel
 from server.model.loader import load_model
@@ -147,6 +149,7 @@ def build_runtime(config: ServerConfig) -> Runtime:
         manager,
         observe_slot_load=metrics.adapter_load_seconds.labels("slot").observe,
         batch_invariant=config.engine.batch_invariant,
+        fused=_fused_decoder(config, model, kv_cache, kernel_backend, table.num_slots),
     )
     phases = PhaseController(PhasePolicy(max_wait_s=adapter_cfg.max_merge_wait_ms / 1000), manager)
     metrics.watch_phases(phases.counts)
@@ -174,6 +177,31 @@ def build_runtime(config: ServerConfig) -> Runtime:
     # Conversions read the frozen base, never the live weights (a merged phase may hold an adapter).
     converter = Converter(service, model, base, tokenizer, max_len)
     return Runtime(config, model, tokenizer, engine, metrics, service, max_len, dtype, device, gate, converter, keys)
+
+
+def _fused_decoder(
+    config: ServerConfig, model: LlamaModel, kv_cache: KVCache, backend: str, num_slots: int
+) -> FusedDecoder | None:
+    """The compiled decode step, compiled now (startup) so no request waits for it; None when the
+    engine runs eagerly (`--no-compile`, batch-invariant mode, or a compile that failed)."""
+    if not config.engine.compile or config.engine.batch_invariant:
+        return None
+    weight = model.embed_tokens.weight
+    # Token-form LoRA needs the torch backend's per-slot factors; the Triton backend's LoRA steps stay eager.
+    lora = (
+        TokenLoraStack(model.adapted_linears(), num_slots, weight.dtype, weight.device) if backend == "torch" else None
+    )
+    fused = FusedDecoder(model, kv_cache.keys, kv_cache.values, lora)
+    null_rows = torch.arange(NULL_BLOCK * BLOCK_SIZE, (NULL_BLOCK + 1) * BLOCK_SIZE, device=weight.device)
+    try:
+        report = fused.warm_up(null_rows)
+    except Exception:  # the eager path serves everything; a compiler failure must not stop the server
+        log.exception("compiling the decode step failed; serving eagerly")
+        return None
+    finally:
+        kv_cache.zero_blocks([NULL_BLOCK])  # the warm-up wrote into the null block, which must stay zero
+    log.info("compiled the decode step (%s) in %.1fs", " + ".join(report.variants), report.seconds)
+    return fused
 
 
 def _adapter_stores(config: ServerConfig):

@@ -20,6 +20,7 @@ from server.engine.kv_cache import KVCache
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.model.context import ForwardContext, PrefillSegment
+from server.model.fused_decode import FusedDecoder
 from server.model.llama import LlamaModel
 
 
@@ -40,6 +41,7 @@ class ModelRunner:
         adapters: AdapterManager,
         observe_slot_load: Callable[[float], None] = lambda seconds: None,
         batch_invariant: bool = False,
+        fused: FusedDecoder | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -47,6 +49,7 @@ class ModelRunner:
         self.observe_slot_load = observe_slot_load
         self.device = model.embed_tokens.weight.device
         self.batch_invariant = batch_invariant  # kernels/invariant.py: logits independent of the batch
+        self.fused = fused  # compiled decode-only steps (server/model/fused_decode.py); None = always eager
 
     def prepare(self, batch: ScheduledBatch) -> ForwardContext:
         slot_of = {
@@ -127,5 +130,9 @@ class ModelRunner:
         if self.adapters.loads > loads_before:
             self.observe_slot_load((time.perf_counter() - started) / (self.adapters.loads - loads_before))
         ctx = self.prepare(batch)
+        if self.fused is not None and self.fused.supports(ctx):
+            logits = self.fused(ctx)
+            if logits is not None:  # None: the compiled step refused it, so it runs eagerly below
+                return logits.cpu()
         with invariant.mode(self.batch_invariant):
             return self.model(ctx, self.kv_cache.keys, self.kv_cache.values).cpu()
