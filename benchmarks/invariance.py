@@ -1,11 +1,12 @@
 """What batch invariance costs: throughput with and without --batch-invariant, in one run.
 
-16 concurrent greedy requests (32-token prompts, 64 new tokens, ignore_eos) on the demo model, base
+16 concurrent greedy requests (32-token prompts, --new-tokens each, ignore_eos) on the demo model, base
 model only and an 8-LoRA mix (rank 16 on every projection, two requests per adapter), float32 and
 bfloat16. The same runtime serves both settings (the runner's switch is flipped between runs), and the
-settings alternate round-robin so background load hits both alike; each cell is the median of the runs.
+settings alternate round-robin so background load hits both alike; each cell is the median of the runs
+(after one short warm-up run of each setting: adapter slots, allocator). Rows print as they finish.
 
-Usage: python benchmarks/invariance.py [--dtypes float32,bfloat16] [--repeats 3]
+Usage: python benchmarks/invariance.py [--dtypes float32,bfloat16] [--repeats 3] [--new-tokens 64]
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from server.config import EngineConfig, ServerConfig  # noqa: E402
 from server.demo_model import DEMO_MODEL_DIR  # noqa: E402
 from server.runtime import build_runtime  # noqa: E402
 
-CONCURRENCY, NEW_TOKENS, ADAPTERS = 16, 64, 8
+CONCURRENCY, ADAPTERS = 16, 8
+HEADERS = ["dtype", "workload", "tok/s default", "tok/s invariant", "cost", "decode step ms", "invariant step ms"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -32,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
     report_idle()
     rows = []
@@ -49,18 +52,20 @@ def main() -> None:
         workloads = {"base": None, f"{ADAPTERS}-LoRA mix": [f"mix{i % ADAPTERS}" for i in range(CONCURRENCY)]}
         for name, adapter_ids in workloads.items():
             samples: dict[bool, list] = {False: [], True: []}
-            for _ in range(args.repeats + 1):  # the first round warms up (adapter slots, allocator)
+            for invariant in (False, True):
+                runtime.engine.runner.batch_invariant = invariant
+                run_engine(runtime, batch, 4, adapter_ids)  # warm-up
+            for _ in range(args.repeats):
                 for invariant in (False, True):
                     runtime.engine.runner.batch_invariant = invariant
-                    samples[invariant].append(run_engine(runtime, batch, NEW_TOKENS, adapter_ids))
-            tok_s = {k: statistics.median(r.tok_s for r in v[1:]) for k, v in samples.items()}
-            step_ms = {k: 1000 * statistics.median(r.decode_step for r in v[1:]) for k, v in samples.items()}
+                    samples[invariant].append(run_engine(runtime, batch, args.new_tokens, adapter_ids))
+            tok_s = {k: statistics.median(r.tok_s for r in v) for k, v in samples.items()}
+            step_ms = {k: 1000 * statistics.median(r.decode_step for r in v) for k, v in samples.items()}
             cost = 1 - tok_s[True] / tok_s[False]
             rows.append([dtype, name, tok_s[False], tok_s[True], f"{cost:.1%}", step_ms[False], step_ms[True]])
-    print(f"{CONCURRENCY} concurrent requests, {NEW_TOKENS} new tokens each; medians of {args.repeats} runs")
-    print_table(
-        ["dtype", "workload", "tok/s default", "tok/s invariant", "cost", "decode step ms", "invariant step ms"], rows
-    )
+            print(rows[-1], flush=True)
+    print(f"{CONCURRENCY} concurrent requests, {args.new_tokens} new tokens each; medians of {args.repeats} runs")
+    print_table(HEADERS, rows)
 
 
 if __name__ == "__main__":
