@@ -59,6 +59,31 @@ class LinearFactors:
     """One LoRA-family adapter's weights for one AdaptedLinear."""
 
     slices: list[SliceFactors]
+    _float32: LinearFactors | None = field(init=False, default=None, repr=False, compare=False)
+
+    def float32(self) -> LinearFactors:
+        """These factors in float32 (self when they are), built once: what `LoraRows` computes with on a
+        CPU in bf16 (see there)."""
+        if all(s.A.dtype == torch.float32 for s in self.slices):
+            return self
+        if self._float32 is None:
+            f32 = lambda t: None if t is None else t.float()  # noqa: E731
+            self._float32 = LinearFactors(
+                [
+                    SliceFactors(
+                        s.out_start,
+                        s.out_features,
+                        f32(s.A),
+                        f32(s.Bt),
+                        s.scale,
+                        s.divisor,
+                        f32(s.bias),
+                        f32(s.output_scale),
+                    )
+                    for s in self.slices
+                ]
+            )
+        return self._float32
 
     @property
     def nbytes(self) -> int:
