@@ -204,3 +204,11 @@ def test_attention_of_a_token_ignores_padding_and_the_phase():
         scale=0.25,
     )
     torch.testing.assert_close(alone.flatten(1, 2), reference[:, :, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_flag_turns_invariance_on_and_it_is_off_by_default():
+    from server.config import parse_args
+
+    assert parse_args(["--batch-invariant", "true"]).engine.batch_invariant
+    assert not parse_args([]).engine.batch_invariant
+    assert not invariant.enabled()  # the switch is the runner's, per thread: nothing leaks out of a step
