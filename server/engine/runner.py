@@ -130,7 +130,8 @@ class ModelRunner:
         if self.adapters.loads > loads_before:
             self.observe_slot_load((time.perf_counter() - started) / (self.adapters.loads - loads_before))
         ctx = self.prepare(batch)
-        if self.fused is not None and self.fused.supports(ctx):
+        # Batch-invariant steps always run eagerly: the compiled step's reductions depend on the batch.
+        if self.fused is not None and not self.batch_invariant and self.fused.supports(ctx):
             logits = self.fused(ctx)
             if logits is not None:  # None: the compiled step refused it, so it runs eagerly below
                 return logits.cpu()
