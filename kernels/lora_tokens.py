@@ -7,16 +7,16 @@ mix. Here the work is the same whatever the mix: each token t reads slot idx[t] 
 buffers, and inductor fuses the gathers into two generated loops per layer (shrink, expand + epilogue),
 so eight adapters cost about what one does. Not bit-exact with PEFT (the scale is folded per output
 column and the reductions are inductor's, in fp32 for every dtype); the bound is measured in
-tests/test_compile_decode.py.
+tests/test_compile_decode.py. Bᵀ is stored rank-major, so the expand's reduction over r runs over
+whole rows of output columns (vectorised across columns) rather than over r = 16 values per column.
 
 Layout per AdaptedLinear (`TokenLoraLayer`), over S + 1 slots where slot S is always empty (zeros,
 g = 1): base-model tokens, and tokens whose adapter does not target this layer, read slot S.
     A          [n_slices, S + 1, R, in]   A of projection j for slot s = A[j, s, :r], zero beyond r
-    B          [S + 1, out, R]            B of every projection, by packed output column
+    Bt         [S + 1, R, out]            Bᵀ of every projection, by packed output column
     col_scale  [S + 1, out] fp32          scale / divisor of the projection owning each column (0: none)
     g          [S + 1, out]               DoRA output scale, 1 where not DoRA
     bias       [S + 1, out]               lora bias · scale, 0 where absent
-    col_slice  [out] int64                which projection j owns each output column
 R is one bucket for every layer (a power of two ≥ 16, grown when a larger adapter arrives), so a
 layer's shapes never depend on which adapters are loaded. The g and bias planes always exist, so DoRA
 and lora-bias adapters need no other graph.
@@ -37,14 +37,13 @@ MIN_RANK_BUCKET = 16
 class TokenLoraLayer:
     out_slices: list[tuple[int, int]]  # (out_start, out_features) per projection j
     A: torch.Tensor
-    B: torch.Tensor
+    Bt: torch.Tensor
     col_scale: torch.Tensor
     g: torch.Tensor
     bias: torch.Tensor
-    col_slice: torch.Tensor
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.A, self.B, self.col_scale, self.g, self.bias, self.col_slice
+        return self.A, self.Bt, self.col_scale, self.g, self.bias
 
 
 def _rank_bucket(rank: int) -> int:
@@ -73,6 +72,8 @@ class TokenLoraStack:
         self.device = device
         self.rank = MIN_RANK_BUCKET
         self.adapts = torch.zeros(len(layers), num_slots + 1, dtype=torch.bool, device=device)
+        self.users: list[set[int]] = [set() for _ in layers]  # host copy of `adapts`: slots per layer
+        self.version = 0  # bumped by every write and clear
         self.layers = {key: self._alloc(key, self.rank) for key in self.keys}
         self._seen: list[dict[str, LinearFactors] | None] = [None] * num_slots
         self.writes = 0
@@ -85,17 +86,13 @@ class TokenLoraStack:
         # Normal tensors even when a rank growth happens inside a step's inference mode: compiled code is
         # specialised to a tensor's dispatch keys, and inference tensors have other ones.
         with torch.inference_mode(False):
-            col_slice = torch.zeros(out, dtype=torch.long)
-            for j, (start, size) in enumerate(out_slices):
-                col_slice[start : start + size] = j
             return TokenLoraLayer(
                 out_slices,
                 A=torch.zeros(len(out_slices), slots, rank, in_f, **kw),
-                B=torch.zeros(slots, out, rank, **kw),
+                Bt=torch.zeros(slots, rank, out, **kw),
                 col_scale=torch.zeros(slots, out, dtype=torch.float32, device=self.device),
                 g=torch.ones(slots, out, **kw),
                 bias=torch.zeros(slots, out, **kw),
-                col_slice=col_slice.to(self.device),
             )
 
     def sync(self, slot_factors: list[dict[str, LinearFactors] | None]) -> None:
@@ -113,11 +110,14 @@ class TokenLoraStack:
     def _clear(self, slot: int) -> None:
         for layer in self.layers.values():
             layer.A[:, slot].zero_()
-            layer.B[slot].zero_()
+            layer.Bt[slot].zero_()
             layer.col_scale[slot].zero_()
             layer.g[slot].fill_(1.0)
             layer.bias[slot].zero_()
         self.adapts[:, slot] = False
+        for users in self.users:
+            users.discard(slot)
+        self.version += 1
 
     def _write(self, slot: int, factors: dict[str, LinearFactors]) -> None:
         needed = max((s.rank for f in factors.values() for s in f.slices), default=0)
@@ -129,21 +129,27 @@ class TokenLoraStack:
                 j = layer.out_slices.index((s.out_start, s.out_features))
                 cols = slice(s.out_start, s.out_start + s.out_features)
                 layer.A[j, slot, : s.rank].copy_(s.A)
-                layer.B[slot, cols, : s.rank].copy_(s.Bt.T)
+                layer.Bt[slot, : s.rank, cols].copy_(s.Bt)
                 layer.col_scale[slot, cols] = s.scale / s.divisor
                 if s.output_scale is not None:
                     layer.g[slot, cols].copy_(s.output_scale)
                 if s.bias is not None:
                     layer.bias[slot, cols].copy_(s.bias)
             self.adapts[self.index_of[key], slot] = True
+            self.users[self.index_of[key]].add(slot)
         self.writes += 1
+        self.version += 1
+
+    def adapted(self, key: str) -> bool:
+        """Whether any loaded slot targets layer `key`."""
+        return bool(self.users[self.index_of[key]])
 
     def _grow(self, rank: int) -> None:
         """A rank above the bucket arrived: every layer gets the larger bucket (load time, rare)."""
         for key, old in self.layers.items():
             new = self._alloc(key, rank)
             new.A[:, :, : self.rank].copy_(old.A)
-            new.B[:, :, : self.rank].copy_(old.B)
+            new.Bt[:, : self.rank].copy_(old.Bt)
             for name in ("col_scale", "g", "bias"):
                 getattr(new, name).copy_(getattr(old, name))
             self.layers[key] = new
@@ -155,21 +161,27 @@ def lora_tokens(
     y: torch.Tensor,
     idx: torch.Tensor,
     A: torch.Tensor,
-    B: torch.Tensor,
+    Bt: torch.Tensor,
     col_scale: torch.Tensor,
     g: torch.Tensor,
     bias: torch.Tensor,
-    col_slice: torch.Tensor,
+    slice_sizes: list[int],
     base_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y [T, out] plus each token's LoRA-family delta, token t using slot idx[t] (see the module doc):
         h = x Aᵀ per projection;  δ = (h Bᵀ) · scale;  y' = y + (g − 1)(y − b0) + g δ + bias
-    which is y + δ (+ bias) where g = 1. Computed in fp32, rounded once to y's dtype. Written as
+    which is y + δ (+ bias) where g = 1. `slice_sizes`: the output columns of each packed projection,
+    in order (static: the model's shapes). Computed in fp32, rounded once to y's dtype. Written as
     broadcast products and sums rather than matmuls so inductor fuses the gathers into its loops; run
     eagerly it materialises [n_slices, T, R, in] and is only meant for tests.
     """
     h = (x.float()[None, :, None, :] * A[:, idx].float()).sum(-1)  # [n_slices, T, R]
-    delta = (h[col_slice].transpose(0, 1) * B[idx].float()).sum(-1) * col_scale[idx]  # [T, out]
+    bt = Bt[idx].float()  # [T, R, out]
+    deltas, start = [], 0
+    for j, size in enumerate(slice_sizes):
+        deltas.append((h[j][:, :, None] * bt[:, :, start : start + size]).sum(1))  # [T, size]
+        start += size
+    delta = (deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1)) * col_scale[idx]
     yf = y.float()
     gs = g[idx].float()
     base = yf if base_bias is None else yf - base_bias.float()
