@@ -49,12 +49,18 @@ def run_transformers(model_dir: Path, dtype: torch.dtype, device: torch.device, 
 
     hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     ids = torch.tensor(batch, device=device)  # equal lengths: no padding needed
-    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=2)
+
+    def generate(ids: torch.Tensor, tokens: int) -> torch.Tensor:
+        mask = torch.ones_like(ids)
+        return hf.generate(
+            ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=2
+        )
+
     with torch.inference_mode():
-        hf.generate(ids[:2], max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up
+        generate(ids[:2], 4)  # warm-up
         sync(device)
         start = time.perf_counter()
-        out = hf.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, **kwargs)
+        out = generate(ids, NEW_TOKENS)
         sync(device)
     assert out.shape[1] == ids.shape[1] + NEW_TOKENS
     return len(batch) * NEW_TOKENS / (time.perf_counter() - start)
@@ -156,6 +162,7 @@ def main() -> None:
             hf = run_transformers(args.model, runtime.dtype, runtime.device, batch)
             notes.append(f"{dtype}: transformers generate, base, {concurrency[0]} concurrent: {hf:.1f} tok/s")
         del runtime, runner, fused
+        print(f"{dtype} done", flush=True)
     print_table(
         [
             "dtype",
