@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import print_table, report_idle  # noqa: E402
+from benchmarks.common import keep_the_main_thread_off_the_cores, on_fresh_thread, print_table, report_idle  # noqa: E402
 from benchmarks.workload import (  # noqa: E402
     lora_files,
     prompts,
@@ -294,6 +294,7 @@ def main() -> None:
     parser.add_argument("--cold", type=int, default=1000, help="registered cold adapters (residency)")
     args = parser.parse_args()
     report_idle()
+    keep_the_main_thread_off_the_cores()
     work = Path(tempfile.mkdtemp(prefix="adapter-bench-"))
     if args.only == "residency":
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}")
@@ -328,7 +329,7 @@ def main() -> None:
         ).bytes
 
     batch = prompts(runtime, CONCURRENCY)
-    run_engine(runtime, batch[:2], 4)  # warm-up
+    on_fresh_thread(run_engine, runtime, batch[:2], 4)  # warm-up
     cases = {
         "(a) base only": [None] * CONCURRENCY,
         "(b) one LoRA r16 qkvo for all": ["lora16-0"] * CONCURRENCY,
@@ -341,12 +342,14 @@ def main() -> None:
     runs: dict[str, list] = {name: [] for name in cases}
     for _ in range(args.repeats):
         for name, ids in cases.items():
-            runs[name].append(run_engine(runtime, batch, args.tokens, ids))
+            runs[name].append(on_fresh_thread(run_engine, runtime, batch, args.tokens, ids))
     results = {name: sorted(r, key=lambda x: x.tok_s)[len(r) // 2] for name, r in runs.items()}
     dirs = [write_adapter_dir(work / f"peft-{i}", *files) for i, files in enumerate(lora8)]
     dtype = getattr(torch, args.dtype)
-    peft_mixed = peft_tok_s(args.model, dtype, dirs, [f"a{i % 8}" for i in range(CONCURRENCY)], batch, args.tokens)
-    peft_base = peft_tok_s(args.model, dtype, dirs, ["__base__"] * CONCURRENCY, batch, args.tokens)
+    peft_mixed = on_fresh_thread(
+        peft_tok_s, args.model, dtype, dirs, [f"a{i % 8}" for i in range(CONCURRENCY)], batch, args.tokens
+    )
+    peft_base = on_fresh_thread(peft_tok_s, args.model, dtype, dirs, ["__base__"] * CONCURRENCY, batch, args.tokens)
 
     base = results["(a) base only"].tok_s
     rows = [

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+from server.cpu_threads import one_core_for_torch
+
+T = TypeVar("T")
 
 
 def cpu_busy_fraction(seconds: float = 1.0) -> float:
@@ -77,3 +83,31 @@ def print_table(headers: list[str], rows: list[list[object]]) -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in cells[1:]:
         print(line(r))
+
+
+def keep_the_main_thread_off_the_cores() -> None:
+    """Call first in a benchmark that starts the engine thread: as in the server, the main thread does its torch math
+    (setup, uploads) on one core, and anything measured runs on the engine thread or `on_fresh_thread`.
+    A main thread that had run one multi-threaded op would keep an OpenMP team alive and slow every
+    engine step by up to ~1.5x on a 2-core machine (server/cpu_threads.py)."""
+    one_core_for_torch()
+
+
+def on_fresh_thread(fn: Callable[..., T], *args, **kwargs) -> T:
+    """`fn(*args, **kwargs)` on a new thread with torch's full thread count; its OpenMP team ends
+    with it, so nothing it ran slows the engine afterwards."""
+    result: list = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn(*args, **kwargs))
+        except BaseException as exc:  # re-raised on the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="benchmark-work")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]

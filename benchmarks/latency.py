@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import print_table, report_idle  # noqa: E402
+from benchmarks.common import keep_the_main_thread_off_the_cores, on_fresh_thread, print_table, report_idle  # noqa: E402
 from benchmarks.workload import TokenClock, lora_files, prompts, randlora_files, run_engine, vera_files  # noqa: E402
 from server.config import AdapterConfig, EngineConfig, ServerConfig  # noqa: E402
 from server.demo_model import DEMO_MODEL_DIR  # noqa: E402
@@ -52,7 +52,7 @@ def per_token_latency(runtime: Runtime, tokens: int, repeats: int) -> list[list]
         for _ in range(repeats):
             for label, adapter, mode in cases:
                 runtime.engine.restore_base()
-                runs[label].append(run_engine(runtime, batch, tokens, [adapter] * n, mode))
+                runs[label].append(on_fresh_thread(run_engine, runtime, batch, tokens, [adapter] * n, mode))
         for label, _, _ in cases:
             tpot = statistics.median(r.tpot for r in runs[label])
             ttft = statistics.median(r.ttft for r in runs[label])
@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=DEMO_MODEL_DIR)
     args = parser.parse_args()
     report_idle()
+    keep_the_main_thread_off_the_cores()
     runtime = build_runtime(
         ServerConfig(
             model=args.model,
@@ -154,7 +155,7 @@ def main() -> None:
     )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, SmolLM2")
     runtime.adapters.upload("lat", *lora_files(runtime, 16, QKVO, seed=7))
-    run_engine(runtime, prompts(runtime, 2), 4)  # warm-up
+    on_fresh_thread(run_engine, runtime, prompts(runtime, 2), 4)  # warm-up
     print_table(
         ["concurrent", "mode", "TPOT ms", "TPOT vs base", "TTFT ms", "tok/s"],
         per_token_latency(runtime, args.tokens, args.repeats),

@@ -26,9 +26,11 @@ def main(argv: list[str] | None = None) -> None:
             "(or python scripts/fetch_demo_model.py), or pass --model DIR"
         )
     from server.app import create_app
+    from server.cpu_threads import one_core_for_torch
     from server.runtime import build_runtime
 
     runtime = build_runtime(config)
+    one_core_for_torch()  # this thread now only serves HTTP; the engine thread has the cores
     # SIGTERM: uvicorn stops accepting, lets running requests finish for up to shutdown_timeout_s,
     # then the app's lifespan stops the engine and the upload worker (see create_app).
     uvicorn.run(

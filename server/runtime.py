@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,14 @@ def resolve_kernel_backend(device: torch.device) -> str:
 
 
 def build_runtime(config: ServerConfig) -> Runtime:
+    """Load and assemble everything on a short-lived helper thread, which may use every core (loading
+    weights, the compile warm-up) and whose OpenMP team ends with it: a team that outlived the build on
+    the caller's thread would slow every engine step (see server/cpu_threads.py)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="runtime-build") as pool:
+        return pool.submit(_build_runtime, config).result()
+
+
+def _build_runtime(config: ServerConfig) -> Runtime:
     torch.set_num_threads(config.threads or available_cores())
     try:
         device = config.torch_device()

@@ -76,3 +76,27 @@ def test_a_version_that_cannot_be_loaded_fails_its_requests_only(config, tmp_pat
     assert error.kind == "adapter_load_failed" and "broken" in error.message
     assert sinks["on-intact"].finish_reason == "length" and sinks["base"].finish_reason == "length"
     assert restarted.adapters.cache.load_error(broken.version) is None  # released: a later request retries
+
+
+def test_the_loader_and_the_upload_worker_do_their_torch_math_on_one_core(config, monkeypatch):
+    """Any thread beside the engine that runs multi-threaded torch ops keeps an OpenMP team alive, and
+    then every engine step runs slower (server/cpu_threads.py): both workers must stay on one core."""
+    first = build_runtime(config)
+    first.adapters.upload("story", *_tiny_lora(1))
+    restarted = build_runtime(config)
+    seen: dict[str, int] = {}
+    fill, upload = restarted.adapters.cache.fill, restarted.adapters.upload
+
+    def fill_noting_threads(version, parsed):
+        seen["loader"] = torch.get_num_threads()
+        return fill(version, parsed)
+
+    def upload_noting_threads(*args, **kwargs):
+        seen["upload"] = torch.get_num_threads()
+        return upload(*args, **kwargs)
+
+    monkeypatch.setattr(restarted.adapters.cache, "fill", fill_noting_threads)
+    monkeypatch.setattr(restarted.adapters, "upload", upload_noting_threads)
+    restarted.adapters.submit_upload("another", *_tiny_lora(4)).result(timeout=60)
+    assert _run(restarted, {"cold": "story"})["cold"].finish_reason == "length"
+    assert seen == {"loader": 1, "upload": 1}

@@ -232,9 +232,9 @@ def test_one_pass_and_two_passes_give_the_same_adapter():
 def test_the_conversion_thread_computes_on_one_core_and_leaves_the_others_alone():
     from concurrent.futures import ThreadPoolExecutor
 
-    from server.adapters.conversion.threads import single_core_thread
+    from server.cpu_threads import background_thread
 
     before = torch.get_num_threads()
-    with ThreadPoolExecutor(1, initializer=single_core_thread) as worker:
+    with ThreadPoolExecutor(1, initializer=background_thread) as worker:
         assert worker.submit(torch.get_num_threads).result() == 1
     assert torch.get_num_threads() == before

@@ -8,7 +8,6 @@ admits those requests once the version is resident, and everyone else keeps deco
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -16,17 +15,9 @@ from collections.abc import Callable
 
 from adapters_store import AdapterError, AdapterRef, ParsedAdapter
 from server.adapters.host_cache import HostCache
+from server.cpu_threads import background_thread
 
 log = logging.getLogger(__name__)
-
-
-def lower_thread_priority() -> None:
-    """Make the calling thread yield the CPU to the engine (measured without it: an inter-token gap
-    2.7x the median while uploading)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)
-    except (AttributeError, OSError):
-        pass
 
 
 class AdapterLoader:
@@ -55,7 +46,7 @@ class AdapterLoader:
         self._queue.put((ref, version))
 
     def _run(self) -> None:
-        lower_thread_priority()
+        background_thread()
         while True:
             ref, version = self._queue.get()
             started = time.perf_counter()

@@ -47,7 +47,8 @@ from adapters_store import (
 )
 from adapters_store.canonical import CONFIG_FILE, WEIGHTS_FILE, canonical_files
 from server.adapters.host_cache import HostCache
-from server.adapters.loader import AdapterLoader, lower_thread_priority
+from server.adapters.loader import AdapterLoader
+from server.cpu_threads import background_thread
 from server.errors import Forbidden, LimitExceeded
 from server.tenancy.limits import STORAGE_RETRY_AFTER_S, TenantLimits
 from server.tenancy.principal import OPERATOR, Principal
@@ -76,9 +77,7 @@ class AdapterService:
         # version -> how many ids it is the current version of (guarded by self._lock).
         self._published: Counter[str] = Counter()
         # One low-priority worker: uploads are serialised and never compete with decoding.
-        self._upload_worker = ThreadPoolExecutor(
-            1, thread_name_prefix="adapter-upload", initializer=lower_thread_priority
-        )
+        self._upload_worker = ThreadPoolExecutor(1, thread_name_prefix="adapter-upload", initializer=background_thread)
 
     def recover(self) -> int:
         """Re-register every complete adapter of every tenant (partial ones are cleaned by scan)."""

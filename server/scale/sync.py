@@ -7,6 +7,7 @@ import threading
 import time
 
 from server.adapters.service import AdapterService
+from server.cpu_threads import background_thread
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class RegistrySync:
         self._thread.join()
 
     def _run(self) -> None:
+        background_thread()
         failing = False
         while not self._stop.wait(self.interval_s):
             try:

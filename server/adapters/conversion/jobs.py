@@ -23,6 +23,7 @@ from adapters_store import AdapterInfo, ParsedAdapter, parse_adapter
 from adapters_store.canonical import CONFIG_FILE, WEIGHTS_FILE
 from server.adapters.frozen_base import FrozenBase
 from server.adapters.service import AdapterService
+from server.cpu_threads import background_thread
 from server.model.llama import LlamaModel
 from server.model.tokenizer import TextTokenizer
 
@@ -34,7 +35,6 @@ from .lora_files import lora_files, stored_report
 from .reference import MAX_PROMPT_TOKENS, PROMPTS, ReferenceModel, compare
 from .report import totals
 from .spectrum import DEFAULT_SVD, SvdConfig
-from .threads import single_core_thread
 from .truncate import Truncation, truncate
 from .updates import AdapterUpdates, UpdateSource
 
@@ -68,7 +68,7 @@ class Converter:
         self._reference: ReferenceModel | None = None
         self._reports: OrderedDict[str, dict | None] = OrderedDict()
         self._reports_lock = threading.Lock()
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="adapter-convert", initializer=single_core_thread)
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="adapter-convert", initializer=background_thread)
         self._bias_rows = {
             s.path: (linear, slice(s.out_start, s.out_start + s.out_features))
             for linear in model.adapted_linears()
