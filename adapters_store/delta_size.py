@@ -50,6 +50,8 @@ def check_lora_update(
     ``scale_desc`` names where the scale comes from (config field and value), for the message.
     ``magnitude``: DoRA's ``lora_magnitude_vector``.
     """
+    if not base.check_values:  # a stored version, checked when it was uploaded
+        return
     with torch.no_grad():
         # Cheap first: a finite sum means every element is finite (AdaLoRA serves A * E: finite
         # factors, overflowing product); only a non-finite sum needs the element-wise look.

@@ -26,5 +26,5 @@ def parse_adapter(config_bytes: bytes, weights_bytes: bytes, base: BaseModelSpec
     if parser is None:
         supported = ", ".join(sorted(KIND_PARSERS))
         raise UnsupportedAdapter(f"peft_type {peft_type!r} is not supported (supported: {supported})")
-    tensors = load_tensors(weights_bytes, base.max_bytes)
+    tensors = load_tensors(weights_bytes, base.max_bytes, check_finite=base.check_values)
     return parser(cfg, tensors, base, read_metadata(weights_bytes))

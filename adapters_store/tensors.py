@@ -207,8 +207,9 @@ def _to_float32(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def load_tensors(weights_bytes: bytes, max_bytes: int) -> dict[str, torch.Tensor]:
-    """Decode, size-check, dtype-check and NaN/Inf-check; returns float32 tensors (sorted by key).
+def load_tensors(weights_bytes: bytes, max_bytes: int, check_finite: bool = True) -> dict[str, torch.Tensor]:
+    """Decode, size-check, dtype-check and (unless `check_finite` is False) NaN/Inf-check; returns
+    float32 tensors (sorted by key).
 
     See the module docstring for which tensors are views of ``weights_bytes``.
     """
@@ -232,7 +233,7 @@ def load_tensors(weights_bytes: bytes, max_bytes: int) -> dict[str, torch.Tensor
             t = torch.frombuffer(bytearray(buffer[start + b : start + e]), dtype=dtype)
         t = t.view(shape)
         out[key] = t if dtype == torch.float32 else _to_float32(t)
-    bad = _first_non_finite(out, table, weights_bytes, start)
+    bad = _first_non_finite(out, table, weights_bytes, start) if check_finite else None
     if bad is not None:
         raise InvalidAdapter(f"tensor {bad!r} contains NaN or Inf")
     return out

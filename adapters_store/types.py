@@ -44,6 +44,9 @@ class BaseModelSpec:
     weight: Callable[[str], torch.Tensor]
     max_rank: int = 256
     max_bytes: int = 512 * 2**20
+    # False when parsing a stored version whose bytes match the digest taken when they were uploaded
+    # (and validated): the value checks (NaN/Inf, update size) are skipped, shapes are still checked.
+    check_values: bool = True
     # path -> ||W0||_F, filled on first use: the base weights are frozen, so each is computed once.
     _weight_norms: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
 

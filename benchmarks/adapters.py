@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import queue
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -45,7 +46,7 @@ from benchmarks.workload import (  # noqa: E402
     vera_files,
     write_adapter_dir,
 )
-from server.config import AdapterConfig, EngineConfig, ServerConfig  # noqa: E402
+from server.config import AdapterConfig, EngineConfig, ServerConfig, TenantConfig  # noqa: E402
 from server.demo_model import DEMO_MODEL_DIR  # noqa: E402
 from server.engine.request import Request, SamplingParams  # noqa: E402
 from server.runtime import Runtime, build_runtime  # noqa: E402
@@ -159,6 +160,7 @@ def residency(args, work: Path) -> None:
             adapters_dir=work / "cold-store",
             engine=EngineConfig(max_model_len=256, max_num_seqs=16, kv_cache_gb=2),
             adapters=AdapterConfig(max_slots=16, host_cache_gb=1.0),
+            tenants=TenantConfig(max_adapters=args.cold + 100, max_adapter_gb=100.0),
         )
     )
     started = time.perf_counter()
@@ -296,8 +298,15 @@ def main() -> None:
     report_idle()
     keep_the_main_thread_off_the_cores()
     work = Path(tempfile.mkdtemp(prefix="adapter-bench-"))
+    try:
+        run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # ~3 GB of stored adapters
+
+
+def run(args, work: Path) -> None:
     if args.only == "residency":
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}")
+        print(f"torch {torch.__version__}, {on_fresh_thread(torch.get_num_threads)} engine threads, {args.dtype}")
         residency(args, work)
         return
     runtime = build_runtime(
@@ -310,7 +319,8 @@ def main() -> None:
         )
     )
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, {CONCURRENCY} concurrent, "
+        f"torch {torch.__version__}, {on_fresh_thread(torch.get_num_threads)} engine threads, {args.dtype}, "
+        f"{CONCURRENCY} concurrent, "
         f"{args.tokens} new tokens"
     )
     lora8 = [lora_files(runtime, 16, QKVO, seed=i) for i in range(8)]

@@ -21,6 +21,7 @@ from server.adapters.packing import base_model_spec
 from server.adapters.service import AdapterService
 from server.adapters.slot_table import SlotTable
 from server.config import ServerConfig, available_cores
+from server.cpu_threads import CpuTurns
 from server.engine.block_pool import NULL_BLOCK, BlockPool
 from server.engine.engine import Engine
 from server.engine.kv_cache import BLOCK_SIZE, KVCache, bytes_per_token
@@ -115,6 +116,7 @@ def _build_runtime(config: ServerConfig) -> Runtime:
     base = FrozenBase.capture(linears)  # before anything can merge: the weights as loaded
     spec = base_model_spec(linears, base, adapter_cfg.max_rank, int(adapter_cfg.max_upload_mb * 2**20))
     cache = HostCache(int(adapter_cfg.host_cache_gb * 2**30))
+    turns = CpuTurns()
     service = AdapterService(
         _adapter_stores(config),
         AdapterRegistry(),
@@ -122,6 +124,7 @@ def _build_runtime(config: ServerConfig) -> Runtime:
         spec,
         observe_load_seconds=metrics.adapter_load_seconds.labels("host").observe,
         limits=tenants.limits,
+        turns=turns,
     )
     recovered = service.recover()
     if getattr(service.stores, "shared", False):  # other replicas write there too: follow their changes
@@ -162,7 +165,7 @@ def _build_runtime(config: ServerConfig) -> Runtime:
     )
     phases = PhaseController(PhasePolicy(max_wait_s=adapter_cfg.max_merge_wait_ms / 1000), manager)
     metrics.watch_phases(phases.counts)
-    engine = Engine(runner, scheduler, tokenizer, metrics, max_len, eos, phases)
+    engine = Engine(runner, scheduler, tokenizer, metrics, max_len, eos, phases, turns)
     log.info(
         "loaded %s (%s on %s) in %.1fs: KV cache of %d blocks x %d tokens, up to %d sequences of %d tokens, "
         "%d threads, %d adapters in %s, kernel backend %s",

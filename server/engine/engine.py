@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from server.cpu_threads import CpuTurns
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.phases import GATHERED, PhaseController
 from server.engine.request import GenerationError, Request, TokenEvent
@@ -66,8 +67,10 @@ class Engine:
         max_model_len: int,
         eos_token_ids: frozenset[int],
         phases: PhaseController,
+        turns: CpuTurns | None = None,
     ) -> None:
         self.runner = runner
+        self.turns = turns or CpuTurns()
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.metrics = metrics
@@ -124,7 +127,8 @@ class Engine:
             # re-checks every 2 ms.
             self._drain_inbox(block=not has_work, timeout=0.002 if idle and has_work else None)
             if self.scheduler.has_work() and not self._stopping:
-                idle = not self.step()
+                with self.turns.engine_step():  # background CPU work runs between steps, never during one
+                    idle = not self.step()
 
     def _drain_inbox(self, block: bool, timeout: float | None = None) -> None:
         try:
