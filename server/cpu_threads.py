@@ -20,6 +20,7 @@ import ctypes
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,11 +78,12 @@ class CpuTurns:
     measured on 2 cores, 8 streams decoding at 86 ms a step while the loader parsed 50 cold adapters,
     the slowest step took 2.2x the median at nice 5 and 3.3x at nice 0 (1.3x at nice 19, where a load
     then waits seconds for the CPU). Taking turns makes the price exact: no step overlaps a background
-    section, and before each step the engine lets one waiting section run (and any that started while it
-    was idle finish).
+    section; before each step the engine lets background sections run for a budget (a share of its
+    step time, so a step boundary costs a bounded fraction of a step) and at least one waiting section.
 
-    Background threads wrap short CPU-bound sections in `background()` (tens of ms, and never one that
-    waits for the engine); the engine wraps each step in `engine_step()`. While the engine is idle,
+    Background threads wrap short CPU-bound sections in `background()`: tens of ms, no disk I/O (a
+    read or fsync can take 100+ ms on a busy disk, and the engine would wait for it) and nothing that
+    waits for the engine. The engine wraps each step in `engine_step()`. While the engine is idle,
     sections start at once.
     """
 
@@ -99,7 +101,7 @@ class CpuTurns:
             while not (self._open or self._granted):
                 self._cond.wait()
             self._waiting -= 1
-            if not self._open:
+            if self._granted:
                 self._granted -= 1
             self._running += 1
         try:
@@ -110,12 +112,19 @@ class CpuTurns:
                 self._cond.notify_all()
 
     @contextmanager
-    def engine_step(self) -> Iterator[None]:
+    def engine_step(self, budget_s: float = 0.0) -> Iterator[None]:
+        """Around one engine step. Before it, background sections may start for up to `budget_s`
+        seconds (one that already waits always gets its turn); the step then waits for every
+        running section to finish."""
         with self._cond:
-            self._open = False  # sections arriving from now on wait for a later step's turn
-            self._granted = min(self._waiting, 1)  # one section per step: a step boundary costs at most one
-            if self._granted:
+            self._granted = min(self._waiting, 1)
+            self._open = budget_s > 0
+            if self._granted or self._open:
                 self._cond.notify_all()
+            deadline = time.perf_counter() + budget_s
+            while self._open and (self._waiting or self._running) and time.perf_counter() < deadline:
+                self._cond.wait(max(deadline - time.perf_counter(), 0.0))
+            self._open = False  # sections arriving from now on wait for a later step's turn
             while self._granted or self._running:
                 self._cond.wait()
         try:

@@ -74,7 +74,7 @@ class AdapterService:
         self.limits = limits
         self.cache = cache
         self.spec = spec
-        self.loader = AdapterLoader(self._read, cache, observe_load_seconds)
+        self.loader = AdapterLoader(self._fetch, self._parse_stored, cache, observe_load_seconds)
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         # version -> how many ids it is the current version of (guarded by self._lock).
@@ -193,8 +193,7 @@ class AdapterService:
         store = self.stores.store(owner)
         with self._write_lock:
             self._check_storage_quota(ref, meta["bytes"])
-            with self.turns.background():  # writing hashes every byte: a second turn
-                version = store.publish(adapter_id, files, {"info": meta})
+            version = store.publish(adapter_id, files, {"info": meta})  # fsyncs: never in a turn
             public = bool(store.access(adapter_id).get("public", False))
             info = AdapterInfo.from_dict({**meta, "version": version, "tenant": owner, "public": public})
             with self._lock:
@@ -288,10 +287,14 @@ class AdapterService:
                 self.loader.request(info.ref, info.version)
             return info
 
-    def _read(self, ref: AdapterRef, version: str) -> ParsedAdapter:
-        """Read and parse one stored version (the loader thread; parsing in its turn between engine
-        steps). The store checks the bytes against the digest taken at upload, when they were validated,
-        so only shapes are checked again: the value checks were ~40% of a cold load's CPU time."""
+    def _fetch(self, ref: AdapterRef, version: str) -> dict[str, bytes]:
+        """One stored version's files, checked against their digests (a loader's reader thread: disk
+        I/O never runs in a turn)."""
+        return self.stores.store(ref.tenant).read(ref.adapter_id, version)
+
+    def _parse_stored(self, files: dict[str, bytes]) -> ParsedAdapter:
+        """Parse a stored version in its turn between engine steps (the loader thread). Its bytes match
+        the digest taken at upload, when they were validated, so only shapes are checked again: the
+        value checks were ~40% of a cold load's CPU time."""
         with self.turns.background():
-            files = self.stores.store(ref.tenant).read(ref.adapter_id, version)
             return parse_adapter(files[CONFIG_FILE], files[WEIGHTS_FILE], replace(self.spec, check_values=False))

@@ -32,6 +32,11 @@ from server.model.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
+BACKGROUND_SHARE = 0.2
+"""Background sections may run for up to this share of the last step's time before the next step:
+a step boundary then costs at most ~1.2x a step (plus one section), and a burst of cold loads
+proceeds several per boundary instead of one."""
+
 NON_FINITE_OUTPUT = GenerationError(
     "non_finite_output",
     "the model's output for this request became non-finite (NaN or Inf), or overflowed at its "
@@ -120,15 +125,18 @@ class Engine:
 
     # ---- engine thread -------------------------------------------------------------------------
     def _loop(self) -> None:
-        idle = False
+        idle, last_step_s = False, 0.0
         while not self._stopping:
             has_work = self.scheduler.has_work()
             # Work that cannot run yet (held by a merged phase, or waiting for the adapter loader)
             # re-checks every 2 ms.
             self._drain_inbox(block=not has_work, timeout=0.002 if idle and has_work else None)
             if self.scheduler.has_work() and not self._stopping:
-                with self.turns.engine_step():  # background CPU work runs between steps, never during one
+                # Background CPU work (adapter parsing, uploads) runs between steps, never during one.
+                with self.turns.engine_step(budget_s=BACKGROUND_SHARE * last_step_s):
+                    started = time.perf_counter()
                     idle = not self.step()
+                last_step_s = time.perf_counter() - started
 
     def _drain_inbox(self, block: bool, timeout: float | None = None) -> None:
         try:
