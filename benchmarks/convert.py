@@ -35,8 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import print_table, report_idle  # noqa: E402
 from benchmarks.workload import lora_files, prompts, randlora_files, run_engine  # noqa: E402
-from server.adapters.conversion import Converter, Target  # noqa: E402
-from server.api.convert import _frozen_base  # noqa: E402
+from server.adapters.conversion import Target  # noqa: E402
 from server.config import AdapterConfig, EngineConfig, ServerConfig  # noqa: E402
 from server.demo_model import DEMO_MODEL_DIR  # noqa: E402
 from server.engine.request import Request, SamplingParams  # noqa: E402
@@ -106,9 +105,7 @@ def main() -> None:
     )
     decode = "compiled" if runtime.engine.runner.fused is not None else "eager"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, {decode} decode, {args.model.name}")
-    converter = Converter(
-        runtime.adapters, runtime.model, _frozen_base(runtime), runtime.tokenizer, runtime.max_model_len
-    )
+    converter = runtime.converter  # the server's own: reads the frozen base, one core, low priority
     makers = {
         "RandLoRA r32": lambda i: randlora_files(runtime, 32, QKVO, key=0, seed=300 + i),
         "DoRA r16": lambda i: lora_files(runtime, 16, QKVO, seed=400 + i, dora=True),
