@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import keep_the_main_thread_off_the_cores, on_fresh_thread, print_table, report_idle  # noqa: E402
+from benchmarks.common import on_fresh_thread, print_table, report_idle  # noqa: E402
 from benchmarks.workload import (  # noqa: E402
     lora_files,
     prompts,
@@ -47,6 +47,7 @@ from benchmarks.workload import (  # noqa: E402
     write_adapter_dir,
 )
 from server.config import AdapterConfig, EngineConfig, ServerConfig, TenantConfig  # noqa: E402
+from server.cpu_threads import one_core_for_torch  # noqa: E402
 from server.demo_model import DEMO_MODEL_DIR  # noqa: E402
 from server.engine.request import Request, SamplingParams  # noqa: E402
 from server.runtime import Runtime, build_runtime  # noqa: E402
@@ -301,7 +302,7 @@ def main() -> None:
     parser.add_argument("--cold", type=int, default=1000, help="registered cold adapters (residency)")
     args = parser.parse_args()
     report_idle()
-    keep_the_main_thread_off_the_cores()
+    one_core_for_torch()  # the main thread only sets up, as the server's HTTP thread
     work = Path(tempfile.mkdtemp(prefix="adapter-bench-"))
     try:
         run(args, work)
@@ -325,8 +326,7 @@ def run(args, work: Path) -> None:
     )
     print(
         f"torch {torch.__version__}, {on_fresh_thread(torch.get_num_threads)} engine threads, {args.dtype}, "
-        f"{CONCURRENCY} concurrent, "
-        f"{args.tokens} new tokens"
+        f"{CONCURRENCY} concurrent, {args.tokens} new tokens"
     )
     lora8 = [lora_files(runtime, 16, QKVO, seed=i) for i in range(8)]
     for i, files in enumerate(lora8):

@@ -10,8 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from server.cpu_threads import one_core_for_torch
-
 T = TypeVar("T")
 
 
@@ -85,17 +83,12 @@ def print_table(headers: list[str], rows: list[list[object]]) -> None:
         print(line(r))
 
 
-def keep_the_main_thread_off_the_cores() -> None:
-    """Call first in a benchmark that starts the engine thread: as in the server, the main thread does its torch math
-    (setup, uploads) on one core, and anything measured runs on the engine thread or `on_fresh_thread`.
-    A main thread that had run one multi-threaded op would keep an OpenMP team alive and slow every
-    engine step by up to ~1.5x on a 2-core machine (server/cpu_threads.py)."""
-    one_core_for_torch()
-
-
 def on_fresh_thread(fn: Callable[..., T], *args, **kwargs) -> T:
     """`fn(*args, **kwargs)` on a new thread with torch's full thread count; its OpenMP team ends
-    with it, so nothing it ran slows the engine afterwards."""
+    with it, so nothing it ran slows the engine afterwards. Benchmarks that start the engine thread
+    put their main thread on one core (`one_core_for_torch`, as the server's HTTP thread) and run
+    what they measure here: a main thread that had run one multi-threaded op would keep an OpenMP team
+    alive and slow every engine step by up to ~1.5x on a 2-core machine (server/cpu_threads.py)."""
     result: list = []
     failure: list[BaseException] = []
 

@@ -25,9 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import keep_the_main_thread_off_the_cores, print_table, report_idle  # noqa: E402
+from benchmarks.common import print_table, report_idle  # noqa: E402
 from benchmarks.workload import prompts  # noqa: E402
 from server.config import EngineConfig, ServerConfig  # noqa: E402
+from server.cpu_threads import one_core_for_torch  # noqa: E402
 from server.demo_model import DEMO_MODEL_DIR  # noqa: E402
 from server.engine.request import Request, SamplingParams  # noqa: E402
 from server.runtime import Runtime, build_runtime  # noqa: E402
@@ -88,7 +89,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=32, help="below the flood, so A's requests queue")
     args = parser.parse_args()
     report_idle()
-    keep_the_main_thread_off_the_cores()
+    one_core_for_torch()  # the main thread only sets up, as the server's HTTP thread
     engine = EngineConfig(max_num_seqs=args.max_num_seqs)
     runtime = build_runtime(
         ServerConfig(model=DEMO_MODEL_DIR, dtype=args.dtype, adapters_dir=Path(tempfile.mkdtemp()), engine=engine)

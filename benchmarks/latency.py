@@ -26,9 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import keep_the_main_thread_off_the_cores, on_fresh_thread, print_table, report_idle  # noqa: E402
+from benchmarks.common import on_fresh_thread, print_table, report_idle  # noqa: E402
 from benchmarks.workload import TokenClock, lora_files, prompts, randlora_files, run_engine, vera_files  # noqa: E402
 from server.config import AdapterConfig, EngineConfig, ServerConfig  # noqa: E402
+from server.cpu_threads import one_core_for_torch  # noqa: E402
 from server.demo_model import DEMO_MODEL_DIR  # noqa: E402
 from server.engine.request import Request, SamplingParams  # noqa: E402
 from server.runtime import Runtime, build_runtime  # noqa: E402
@@ -143,7 +144,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=DEMO_MODEL_DIR)
     args = parser.parse_args()
     report_idle()
-    keep_the_main_thread_off_the_cores()
+    one_core_for_torch()  # the main thread only sets up, as the server's HTTP thread
     runtime = build_runtime(
         ServerConfig(
             model=args.model,

@@ -54,19 +54,19 @@ def one_core_for_torch() -> None:
         log.debug("thread-local OpenMP/MKL counts unavailable (omp %s, mkl %s)", omp, mkl)
 
 
-def lower_thread_priority(nice: int = 15) -> None:
+def lower_thread_priority() -> None:
     """Make the calling thread yield the CPU to the engine (measured without it: an inter-token gap
     2.7x the median while uploading)."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)
     except (AttributeError, OSError):
         pass
 
 
-def background_thread(nice: int = 15) -> None:
+def background_thread() -> None:
     """Initializer for every thread that works beside the engine (loader, uploads, conversions,
     registry sync): low OS priority and one core for its torch math."""
-    lower_thread_priority(nice)
+    lower_thread_priority()
     one_core_for_torch()
 
 

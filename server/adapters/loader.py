@@ -1,8 +1,9 @@
 """The loader: brings cold adapter versions from disk into the host cache, off every request path.
 
-One thread at low OS priority (on a 2-core machine a busy third thread stalls torch's two compute
-threads) reads and parses versions that requests hold but that are not in memory; the scheduler
-admits those requests once the version is resident, and everyone else keeps decoding meanwhile.
+Versions that requests hold but that are not in memory are read (up to PREFETCH ahead, on reader
+threads) and parsed by one loader thread, in its turn between engine steps (server/cpu_threads.py);
+the scheduler admits those requests once the version is resident, and everyone else keeps decoding
+meanwhile.
 """
 
 from __future__ import annotations
