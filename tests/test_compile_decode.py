@@ -18,7 +18,7 @@ from safetensors.torch import save
 
 from server.config import AdapterConfig, EngineConfig, ServerConfig
 from server.runtime import Runtime, build_runtime
-from tests.conftest import build_tiny_llama, drive, make_request
+from tests.conftest import SHARP_LLAMA, build_tiny_llama, drive, make_request
 
 BOUND = 1e-4
 
@@ -77,17 +77,8 @@ def _runtime(model_dir, adapters_dir, compile: bool) -> Runtime:
 
 @pytest.fixture(scope="module")
 def sharp_model_dir(tiny_served_model_dir, tmp_path_factory) -> Path:
-    """The tiny served model's shapes and tokenizer with larger random weights: its next-token
-    distributions are peaked (logit std ~1.6), so greedy choices are not near-ties that rounding flips
-    (the default init gives nearly uniform logits over 49k tokens, top-2 gaps ~1e-4)."""
-    path = build_tiny_llama(
-        tmp_path_factory.mktemp("sharp"),
-        initializer_range=0.2,
-        vocab_size=49152,
-        bos_token_id=1,
-        eos_token_id=2,
-        max_position_embeddings=512,
-    )
+    """The tiny served model's shapes and tokenizer with larger random weights (`SHARP_LLAMA`)."""
+    path = build_tiny_llama(tmp_path_factory.mktemp("sharp"), **SHARP_LLAMA)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         if (tiny_served_model_dir / name).exists():
             shutil.copy(tiny_served_model_dir / name, path / name)

@@ -101,16 +101,9 @@ def sharp_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama with peaked next-token distributions (see tests/test_compile_decode.py) and a
     word-level tokenizer: the GPU machines have no demo model to borrow a tokenizer from."""
     from benchmarks.random_model import write_tokenizer
-    from tests.conftest import build_tiny_llama
+    from tests.conftest import SHARP_LLAMA, build_tiny_llama
 
-    path = build_tiny_llama(
-        tmp_path_factory.mktemp("sharp"),
-        initializer_range=0.2,
-        vocab_size=49152,
-        bos_token_id=1,
-        eos_token_id=2,
-        max_position_embeddings=512,
-    )
+    path = build_tiny_llama(tmp_path_factory.mktemp("sharp"), **SHARP_LLAMA)
     return write_tokenizer(path, 49152)
 
 
